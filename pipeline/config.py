@@ -1,0 +1,301 @@
+"""The one typed configuration of the pipeline, a section per stage.
+
+Loaded from TOML (or YAML), overridden with ``--set section.key=value``, validated on
+load: unknown keys and out-of-range values raise :class:`PipelineError` naming the key.
+The same names appear in the file, on the command line, in the README and in
+``run.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+PRESETS = ("default", "seed")
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise PipelineError(f"config: {key} {message}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how the Parquet dataset is laid out."""
+
+    source: str = "auto"  # "auto", "tfds" or "idx:DIR"
+    limit: int | None = None  # use only the first N examples of each split
+    rows_per_file: int = 10_000  # Parquet rows per file; Ray Data shards by file
+
+    def __post_init__(self) -> None:
+        _check(
+            self.source in ("auto", "tfds") or self.source.startswith("idx:"),
+            "data.source",
+            f"must be 'auto', 'tfds' or 'idx:DIR', got {self.source!r}",
+        )
+        _check(self.limit is None or self.limit >= 1, "data.limit", "must be >= 1")
+        _check(self.rows_per_file >= 1, "data.rows_per_file", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The VAE architecture: a preset, with any field overridable (None: the preset's)."""
+
+    preset: str = "default"
+    latent_dim: int | None = None
+    filters: tuple[int, ...] | None = None
+    convs_per_stage: int | None = None
+    dense_units: int | None = None
+    activation: str | None = None
+    beta: float = 1.0  # weight of the KL term; 1.0 gives the true ELBO
+
+    def __post_init__(self) -> None:
+        _check(self.preset in PRESETS, "model.preset", f"must be one of {PRESETS}")
+        _check(self.latent_dim is None or self.latent_dim >= 1, "model.latent_dim", "must be >= 1")
+        _check(
+            self.filters is None or (len(self.filters) == 2 and min(self.filters) >= 1),
+            "model.filters",
+            "must be two positive integers (one per stride-2 stage)",
+        )
+        _check(
+            self.convs_per_stage is None or self.convs_per_stage >= 1,
+            "model.convs_per_stage",
+            "must be >= 1",
+        )
+        _check(self.dense_units is None or self.dense_units >= 1, "model.dense_units", "must be >= 1")
+        _check(self.beta > 0, "model.beta", "must be > 0")
+
+    def architecture(self) -> dict[str, Any]:
+        """The preset's architecture with this section's overrides applied (a `VAEConfig` dict)."""
+        from vae.config import preset
+
+        base = dataclasses.asdict(preset(self.preset))
+        for name in ("latent_dim", "filters", "convs_per_stage", "dense_units", "activation"):
+            value = getattr(self, name)
+            if value is not None:
+                base[name] = value
+        base["beta"] = self.beta
+        return base
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Data-parallel training with Ray Train."""
+
+    epochs: int = 30
+    batch_size: int = 128  # global batch: summed over all workers
+    learning_rate: float = 1e-3
+    lr_schedule: str = "cosine"  # "constant" or "cosine" (decay to 5% over the run)
+    num_workers: int = 2
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+    precision: str = "float32"
+    address: str | None = None  # Ray cluster address; None: a local Ray
+    storage_path: str | None = None  # Ray Train storage; None: TRAIN_DIR/ray
+    checkpoints_to_keep: int = 2
+    max_failures: int = 2
+    fault_at_epoch: int | None = None  # test-only: a worker crashes once at this epoch
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
+        _check(
+            self.lr_schedule in ("constant", "cosine"),
+            "train.lr_schedule",
+            "must be 'constant' or 'cosine'",
+        )
+        _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")
+        _check(
+            self.batch_size % self.num_workers == 0,
+            "train.batch_size",
+            f"({self.batch_size}) must be a multiple of train.num_workers ({self.num_workers})",
+        )
+        _check(self.cpus_per_worker >= 1, "train.cpus_per_worker", "must be >= 1")
+        _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
+        _check(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", "must be >= 1")
+        _check(self.max_failures >= 0, "train.max_failures", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Test-set bounds and latent-space clustering."""
+
+    iwae_k: int = 100  # importance samples for the IWAE bound
+    batch_size: int = 500
+    knn_k: int = 5
+    clusters: int = 10
+
+    def __post_init__(self) -> None:
+        _check(self.iwae_k >= 1, "evaluate.iwae_k", "must be >= 1")
+        _check(self.batch_size >= 1, "evaluate.batch_size", "must be >= 1")
+        _check(self.knn_k >= 1, "evaluate.knn_k", "must be >= 1")
+        _check(self.clusters >= 2, "evaluate.clusters", "must be >= 2")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """ONNX export and its verification against Keras."""
+
+    opset: int = 17
+    tolerance: float = 1e-5  # max |onnxruntime - keras| allowed
+    verify_samples: int = 1000
+
+    def __post_init__(self) -> None:
+        _check(self.opset >= 17, "export.opset", "must be >= 17")
+        _check(self.tolerance > 0, "export.tolerance", "must be > 0")
+        _check(self.verify_samples >= 256, "export.verify_samples", "must be >= 256")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole pipeline's configuration."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists); `from_dict` reads it back."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Build and validate a config; unknown keys and wrong types raise PipelineError."""
+        return _build(cls, data, prefix="")
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field annotation, converting lists to tuples."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise PipelineError(f"config: {key} must be a list, got {value!r}")
+        (item_type, _) = typing.get_args(annotation)
+        return tuple(_coerce(v, item_type, key) for v in value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise PipelineError(f"config: {key} must be true or false, got {value!r}")
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise PipelineError(f"config: {key} must be an integer, got {value!r}")
+    if annotation in (str, float) and not isinstance(value, annotation):
+        raise PipelineError(f"config: {key} must be a {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise PipelineError(f"config: {prefix.rstrip('.') or 'top level'} must be a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise PipelineError(f"config: unknown key {prefix}{unknown[0]}")
+    kwargs = {}
+    for name, value in data.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, annotation, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """A `--set` value: JSON/TOML-ish literals (3, 1e-3, true, null, [32, 64]) else a string."""
+    lowered = text.strip()
+    if lowered in ("none", "None", "null"):
+        return None
+    if lowered in ("true", "True"):
+        return True
+    if lowered in ("false", "False"):
+        return False
+    try:
+        return json.loads(lowered)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to a config dict (a new dict is returned)."""
+    result = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise PipelineError(f"--set expects section.key=value, got {item!r}")
+        parts = key.strip().split(".")
+        node = result
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise PipelineError(f"config: {key} is not a section")
+        node[parts[-1]] = _parse_value(raw)
+    return result
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML (.toml) or YAML (.yaml/.yml) config file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = tomllib.loads(text)
+    except Exception as exc:  # both parsers raise their own error types
+        raise PipelineError(f"{path}: cannot parse config: {str(exc).splitlines()[0]}") from exc
+    return data
+
+
+def load_config(
+    path: Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults <- `base` dict <- config file <- overrides, validated."""
+    data = dict(base or {})
+    if path is not None:
+        data = _merge(data, read_config_file(path))
+    data = apply_overrides(data, list(overrides or []))
+    return Config.from_dict(data)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,210 @@
+"""Ingest stage: Fashion-MNIST -> validated, sharded Parquet dataset + manifest.
+
+Output contract (DIR):
+    DIR/train/part-00000.parquet ...  DIR/test/part-00000.parquet ...
+    DIR/manifest.json                 DIR/config.json
+Columns: `id` int64 (index in the source's original order), `image` Arrow's
+canonical fixed_shape_tensor<uint8, [28, 28]> (row-major), `label` uint8 (0-9);
+zstd-compressed. pyarrow and Ray Data both read `image` back as (N, 28, 28) uint8.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.atomic import atomic_directory, write_json
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.schema import (
+    CLASS_NAMES,
+    COLUMN_ID,
+    COLUMN_IMAGE,
+    COLUMN_LABEL,
+    CONFIG_FILE,
+    FULL_SPLIT_ROWS,
+    IMAGE_SHAPE,
+    MANIFEST_FILE,
+    NUM_CLASSES,
+    SPLITS,
+)
+from pipeline.sources import SourceData, load_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    out: Path
+    manifest: dict[str, Any]
+    skipped: bool  # True when an identical dataset was already there
+
+
+def parquet_schema():
+    import pyarrow as pa
+
+    metadata = {
+        "class_names": json.dumps(CLASS_NAMES),
+        "image_shape": json.dumps(IMAGE_SHAPE),
+        "image_layout": "row-major uint8, 0=background 255=ink",
+    }
+    return pa.schema(
+        [
+            pa.field(COLUMN_ID, pa.int64(), nullable=False),
+            pa.field(COLUMN_IMAGE, pa.fixed_shape_tensor(pa.uint8(), IMAGE_SHAPE), nullable=False),
+            pa.field(COLUMN_LABEL, pa.uint8(), nullable=False),
+        ],
+        metadata=metadata,
+    )
+
+
+def select(source: SourceData, limit: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Apply `limit`, or without one require the complete dataset's counts."""
+    chosen = {}
+    for split in SPLITS:
+        images, labels = source.splits[split]
+        if limit is None:
+            check_full_counts(split, labels, source.location)
+        else:
+            images, labels = images[:limit], labels[:limit]
+        chosen[split] = (images, labels)
+    return chosen
+
+
+def check_full_counts(split: str, labels: np.ndarray, location: str) -> None:
+    """Without a limit the data must be all of Fashion-MNIST: 60,000/10,000 rows, balanced."""
+    expected = FULL_SPLIT_ROWS[split]
+    if len(labels) != expected:
+        raise PipelineError(
+            f"{location}: {split} split has {len(labels)} rows, expected {expected} "
+            "(pass --limit to ingest a subset)"
+        )
+    counts = np.bincount(labels, minlength=NUM_CLASSES)
+    if not np.all(counts == expected // NUM_CLASSES):
+        raise PipelineError(f"{location}: {split} class counts {counts.tolist()} are not balanced")
+
+
+def content_sha256(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """A hash of the decoded data (the same whatever the source or file layout)."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        images, labels = splits[split]
+        digest.update(split.encode())
+        digest.update(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+        digest.update(np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
+    return digest.hexdigest()
+
+
+def write_split(directory: Path, images: np.ndarray, labels: np.ndarray, rows_per_file: int) -> int:
+    """Write one split as numbered Parquet files; returns the number of files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory.mkdir(parents=True)
+    schema = parquet_schema()
+    count = max(1, -(-len(labels) // rows_per_file))
+    for index in range(count):
+        rows = slice(index * rows_per_file, (index + 1) * rows_per_file)
+        table = pa.table(
+            [
+                pa.array(np.arange(len(labels))[rows], type=pa.int64()),
+                pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(images[rows])),
+                pa.array(labels[rows], type=pa.uint8()),
+            ],
+            schema=schema,
+        )
+        pq.write_table(table, directory / f"part-{index:05d}.parquet", compression="zstd")
+    return count
+
+
+def build_manifest(
+    source: SourceData, splits: dict[str, tuple[np.ndarray, np.ndarray]], config: Config, files: dict
+) -> dict[str, Any]:
+    import pyarrow as pa
+
+    schema = parquet_schema()
+    return {
+        "format": "vae-pipeline/dataset/v1",
+        "content_sha256": content_sha256(splits),
+        "rows": {split: int(len(splits[split][1])) for split in SPLITS},
+        "class_counts": {
+            split: np.bincount(splits[split][1], minlength=NUM_CLASSES).tolist() for split in SPLITS
+        },
+        "class_names": list(CLASS_NAMES),
+        "image_shape": list(IMAGE_SHAPE),
+        "schema": {field.name: str(field.type) for field in schema},
+        "files": files,
+        "limit": config.data.limit,
+        "rows_per_file": config.data.rows_per_file,
+        "source": {"kind": source.kind, "location": source.location, "sha256": source.file_sha256},
+        "versions": {
+            "pipeline": __version__,
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "pyarrow": pa.__version__,
+        },
+    }
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST_FILE
+    if not path.is_file():
+        raise PipelineError(f"{directory}: not an ingested dataset (no {MANIFEST_FILE})")
+    return json.loads(path.read_text())
+
+
+def ingest(config: Config, out: Path, force: bool = False) -> IngestResult:
+    """Run the ingest stage; nothing is written unless the whole dataset validates."""
+    out = Path(out)
+    source = load_source(config.data.source)
+    log.info("ingest: source %s (%s)", source.kind, source.location)
+    splits = select(source, config.data.limit)
+    digest = content_sha256(splits)
+    if not force and (out / MANIFEST_FILE).is_file():
+        old = read_manifest(out)
+        if old.get("content_sha256") == digest and old.get("rows_per_file") == config.data.rows_per_file:
+            log.info("ingest: %s already holds this data (sha256 %s); nothing to do", out, digest[:12])
+            return IngestResult(out, old, skipped=True)
+    with atomic_directory(out) as tmp:
+        files = {}
+        for split in SPLITS:
+            images, labels = splits[split]
+            files[split] = write_split(tmp / split, images, labels, config.data.rows_per_file)
+        manifest = build_manifest(source, splits, config, files)
+        write_json(tmp / MANIFEST_FILE, manifest)
+        write_json(tmp / CONFIG_FILE, config.to_dict())
+    log.info(
+        "ingest: wrote %s (%d train / %d test rows)", out, manifest["rows"]["train"], manifest["rows"]["test"]
+    )
+    return IngestResult(out, manifest, skipped=False)
+
+
+def read_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read a split back with pyarrow: images (N, 28, 28) uint8, labels (N,) uint8."""
+    import pyarrow.parquet as pq
+
+    path = Path(directory) / split
+    if not path.is_dir():
+        raise PipelineError(f"{directory}: no {split}/ split (run ingest first)")
+    table = pq.read_table(path, columns=[COLUMN_IMAGE, COLUMN_LABEL])
+    return images_from_column(table.column(COLUMN_IMAGE)), table.column(COLUMN_LABEL).to_numpy()
+
+
+def images_from_column(column) -> np.ndarray:
+    """A fixed_shape_tensor image column -> (N, 28, 28) uint8, without per-row decoding."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    images = column.to_numpy_ndarray()
+    if images.shape[1:] != IMAGE_SHAPE or images.dtype != np.uint8:
+        raise PipelineError(f"image column holds {images.dtype} {images.shape[1:]}, expected uint8 {IMAGE_SHAPE}")
+    return images

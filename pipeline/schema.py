@@ -1,0 +1,50 @@
+"""Facts shared by every stage: image shape, class names, file and column names."""
+
+from __future__ import annotations
+
+IMAGE_HEIGHT = 28
+IMAGE_WIDTH = 28
+IMAGE_SHAPE = (IMAGE_HEIGHT, IMAGE_WIDTH)
+PIXELS = IMAGE_HEIGHT * IMAGE_WIDTH
+NUM_CLASSES = 10
+CLASS_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+SPLITS = ("train", "test")
+FULL_SPLIT_ROWS = {"train": 60_000, "test": 10_000}
+
+# Parquet columns. `image` is a fixed-size list of 784 uint8 (row-major 28x28).
+COLUMN_ID = "id"
+COLUMN_IMAGE = "image"
+COLUMN_LABEL = "label"
+
+# The four original IDX files, as the Debian package and Zalando ship them.
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+# Stage output contracts.
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.json"
+MODEL_DIR = "model"
+MODEL_WEIGHTS_FILE = "weights.npz"
+MODEL_CONFIG_FILE = "model.json"
+METRICS_FILE = "metrics.jsonl"
+TRAIN_SUMMARY_FILE = "train.json"
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
+DECODER_ONNX = "decoder.onnx"
+ENCODER_ONNX = "encoder.onnx"
+MODEL_CARD_JSON = "model_card.json"
+MODEL_CARD_MD = "MODEL_CARD.md"
+CHECKSUMS_FILE = "SHA256SUMS"

@@ -1,0 +1,224 @@
+"""Train stage driver: builds the Ray Train `TensorflowTrainer` and writes TRAIN_DIR.
+
+Output contract (TRAIN_DIR):
+    model/weights.npz, model/model.json   the final model, for evaluate and export
+    metrics.jsonl                         one JSON object per epoch
+    tensorboard/                          the same metrics as TensorBoard events
+    ray/                                  Ray Train storage: checkpoints per epoch
+    config.json                           the resolved config
+    train.json                            the run summary, written last (completeness marker)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import write_json, write_text
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.ingest import read_manifest
+from pipeline.model_store import read_checkpoint, write_model_dir
+from pipeline.schema import CONFIG_FILE, METRICS_FILE, TRAIN_SUMMARY_FILE
+
+log = logging.getLogger(__name__)
+
+RUN_NAME_PREFIX = "vae"
+CHECKPOINT_PREFIX = "checkpoint_epoch_"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out: Path
+    summary: dict[str, Any]
+
+
+def storage_location(config: Config, out: Path) -> str:
+    """Ray Train's storage_path: the configured one (path or URI) or TRAIN_DIR/ray."""
+    return config.train.storage_path or str((Path(out) / "ray").resolve())
+
+
+def find_latest_checkpoint(storage: str) -> str | None:
+    """The newest `checkpoint_epoch_NNNN` directory under `storage` (path or URI)."""
+    import pyarrow.fs as pafs
+
+    try:
+        filesystem, root = pafs.FileSystem.from_uri(storage)
+    except (pafs.ArrowInvalid, ValueError):
+        filesystem, root = pafs.LocalFileSystem(), str(Path(storage).resolve())
+    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    found = []
+    for info in infos:
+        name = info.base_name
+        if info.type == pafs.FileType.Directory and name.startswith(CHECKPOINT_PREFIX):
+            found.append((int(name[len(CHECKPOINT_PREFIX):]), info.mtime_ns or 0, info.path))
+    if not found:
+        return None
+    path = max(found)[2]
+    return storage.split("://")[0] + "://" + path if "://" in storage else path
+
+
+def check_data(data_dir: Path) -> dict[str, Any]:
+    manifest = read_manifest(data_dir)
+    if not (Path(data_dir) / "train").is_dir():
+        raise PipelineError(f"{data_dir}: no train/ split")
+    return manifest
+
+
+def train(config: Config, data_dir: Path, out: Path, resume: bool = False, verbose: bool = False) -> TrainResult:
+    """Run data-parallel training; returns when TRAIN_DIR/model/ and train.json are written."""
+    data_dir, out = Path(data_dir), Path(out)
+    manifest = check_data(data_dir)
+    storage = storage_location(config, out)
+    resume_from = find_latest_checkpoint(storage) if resume else None
+    if resume and resume_from is None:
+        raise PipelineError(f"--resume: no checkpoint found under {storage}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / CONFIG_FILE, config.to_dict())
+    (out / TRAIN_SUMMARY_FILE).unlink(missing_ok=True)  # not complete until rewritten
+
+    from pipeline import ray_cluster
+
+    workers = config.train.num_workers
+    ray_cluster.connect(config.train.address, min_cpus=workers * config.train.cpus_per_worker + 1, verbose=verbose)
+    started = time.time()
+    result, events = fit(config, data_dir, manifest, storage, resume_from, out, verbose)
+    with result.checkpoint.as_directory() as directory:
+        state, info = read_checkpoint(Path(directory))
+    history = info["history"]
+    write_text(out / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in history))
+    model_info = {
+        "architecture": info["architecture"],
+        "seed": config.seed,
+        "config": config.to_dict(),
+        "epochs": len(history),
+        "final_metrics": history[-1],
+        "data_sha256": manifest["content_sha256"],
+    }
+    write_model_dir(out, state, model_info)
+    summary = {
+        "status": "complete",
+        "epochs": len(history),
+        "final_metrics": history[-1],
+        "wall_time_s": time.time() - started,
+        "worker_group_starts": [e["epoch"] for e in events if e["event"] == "start"],
+        "resumed_from": resume_from,
+        "checkpoint": result.checkpoint.path,
+        "storage_path": storage,
+        "data_sha256": manifest["content_sha256"],
+        "num_workers": workers,
+    }
+    write_json(out / TRAIN_SUMMARY_FILE, summary)
+    return TrainResult(out, summary)
+
+
+def fit(config, data_dir, manifest, storage, resume_from, out, verbose):
+    """Run the TrainerTrainer in a thread while this thread logs its progress events."""
+    import ray
+    import ray.data
+    import ray.train
+    from ray.train.tensorflow import TensorflowTrainer
+    from ray.util.queue import Queue
+
+    from pipeline.train_loop import train_func
+
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    # The training split is small: read it once into the object store, so epochs
+    # stream from memory instead of re-reading Parquet.
+    dataset = ray.data.read_parquet(str(Path(data_dir).resolve() / "train"), columns=["image"]).materialize()
+    progress = Queue()
+    trainer = TensorflowTrainer(
+        train_func,
+        train_loop_config={
+            "config": config.to_dict(),
+            "train_rows": manifest["rows"]["train"],
+            "progress": progress,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.train.num_workers,
+            use_gpu=config.train.use_gpu,
+            resources_per_worker={"CPU": config.train.cpus_per_worker, **({"GPU": 1} if config.train.use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"{RUN_NAME_PREFIX}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.checkpoints_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+        ),
+        datasets={"train": dataset},
+        resume_from_checkpoint=ray.train.Checkpoint(resume_from) if resume_from else None,
+    )
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
+    thread.start()
+    events: list[dict[str, Any]] = []
+    with ProgressLog(out, config.train.epochs, append=resume_from is not None) as logger:
+        while thread.is_alive() or not progress.empty():
+            try:
+                event = progress.get(timeout=0.5)
+            except (queue.Empty, Exception):  # ray.util.queue.Empty subclasses queue.Empty
+                continue
+            events.append(event)
+            logger.handle(event)
+        thread.join()
+    if "error" in outcome:
+        error = outcome["error"]
+        log.debug("training failed", exc_info=error)
+        cause = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise PipelineError(f"training failed: {cause}") from error
+    return outcome["result"], events
+
+
+class ProgressLog:
+    """Prints one line per epoch and appends it to metrics.jsonl and TensorBoard."""
+
+    def __init__(self, out: Path, epochs: int, append: bool):
+        self.out, self.epochs, self.append = Path(out), epochs, append
+
+    def __enter__(self) -> ProgressLog:
+        self.jsonl = open(self.out / METRICS_FILE, "a" if self.append else "w", encoding="utf-8")
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        return self
+
+    def handle(self, event: dict[str, Any]) -> None:
+        if event["event"] == "start":
+            verb = "resuming at" if event["epoch"] else "starting at"
+            log.info("train: %d workers %s epoch %d", event["workers"], verb, event["epoch"] + 1)
+            return
+        epoch = event["epoch"]
+        metrics = {k: v for k, v in event.items() if k != "event"}
+        self.jsonl.write(json.dumps(metrics) + "\n")
+        self.jsonl.flush()
+        for name in ("loss", "reconstruction", "kl", "images_per_s", "epoch_time_s", "learning_rate"):
+            self.writer.add_scalar(f"train/{name}", metrics[name], global_step=epoch + 1)
+        self.writer.flush()
+        log.info(
+            "train: epoch %d/%d  loss %.2f  recon %.2f  kl %.2f nats  %.0f img/s  %.1f s%s",
+            epoch + 1,
+            self.epochs,
+            metrics["loss"],
+            metrics["reconstruction"],
+            metrics["kl"],
+            metrics["images_per_s"],
+            metrics["epoch_time_s"],
+            "" if metrics["replicas_agree"] else "  REPLICAS DIVERGED",
+        )
+
+    def __exit__(self, *exc_info) -> None:
+        self.jsonl.close()
+        self.writer.close()

@@ -1,0 +1,179 @@
+"""The per-worker training loop run by Ray Train (one process per worker).
+
+Keras 3's `model.fit` fails under MultiWorkerMirroredStrategy (keras-team/keras#20585),
+so the step is written by hand: `strategy.run` inside a `tf.function`, per-example
+losses summed and divided by the *global* batch, and a Keras 3 optimizer built in
+the strategy scope (it all-reduces the gradients across workers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Config
+from pipeline.model_store import read_checkpoint, write_checkpoint
+from pipeline.schema import COLUMN_IMAGE, IMAGE_SHAPE
+
+SHUFFLE_BUFFER_ROWS = 8192
+
+
+def per_worker_batch(global_batch: int, num_workers: int) -> int:
+    """Each worker takes global_batch / num_workers images a step (must divide)."""
+    return global_batch // num_workers
+
+
+def learning_rate_schedule(config: Config, steps_per_epoch: int):
+    import keras
+
+    train = config.train
+    if train.lr_schedule == "constant":
+        return train.learning_rate
+    return keras.optimizers.schedules.CosineDecay(
+        train.learning_rate, decay_steps=max(1, train.epochs * steps_per_epoch), alpha=0.05
+    )
+
+
+def weights_fingerprint(model) -> np.ndarray:
+    """Four exactly representable floats from a SHA-256 of every weight's bytes."""
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
+    return np.frombuffer(digest.digest()[:8], dtype=np.uint16).astype(np.float64)
+
+
+def train_func(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point. `loop_config` holds `config` (a Config dict),
+    `train_rows` (rows in the training split) and `progress` (a queue actor or None)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    import ray.train
+    import tensorflow as tf
+
+    from vae import VAEConfig, build_vae, get_state, set_state
+
+    config = Config.from_dict(loop_config["config"])
+    progress = loop_config.get("progress")
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    threads = config.train.cpus_per_worker
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    if config.train.precision != "float32":
+        keras.mixed_precision.set_global_policy(config.train.precision)
+    keras.utils.set_random_seed(config.seed)  # identical initial weights on every worker
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    batch = per_worker_batch(config.train.batch_size, world)
+    global_batch = batch * world
+    steps_per_epoch = (loop_config["train_rows"] // world) // batch
+    architecture = VAEConfig.from_dict(config.model.architecture())
+    with strategy.scope():
+        model = build_vae(architecture, seed=config.seed)
+        optimizer = keras.optimizers.Adam(learning_rate_schedule(config, steps_per_epoch))
+        if config.train.precision == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(model.trainable_variables)
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state, info = read_checkpoint(Path(directory))
+        set_state(state, model, optimizer)
+        start_epoch, history = info["epoch"] + 1, info["history"]
+    if rank == 0 and progress is not None:
+        progress.put({"event": "start", "epoch": start_epoch, "workers": world})
+
+    image_spec = tf.TensorSpec((batch, *IMAGE_SHAPE), tf.uint8)
+
+    @tf.function(input_signature=[image_spec, tf.TensorSpec((2,), tf.int32)])
+    def train_step(images, noise_seed):
+        def replica_step(images):
+            # Pixels scaled to [0, 1] on the fly; (batch, 28, 28) -> (batch, 28, 28, 1).
+            x = tf.cast(images, tf.float32)[..., None] / 255.0
+            eps = tf.random.stateless_normal((batch, architecture.latent_dim), seed=noise_seed)
+            with tf.GradientTape() as tape:
+                loss, reconstruction, kl = model.losses_per_example(x, training=True, eps=eps)
+                scaled = tf.reduce_sum(loss) / global_batch
+                if config.train.precision == "mixed_float16":
+                    scaled = optimizer.scale_loss(scaled)
+            gradients = tape.gradient(scaled, model.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+            return tf.stack([tf.reduce_sum(loss), tf.reduce_sum(reconstruction), tf.reduce_sum(kl)])
+
+        sums = strategy.run(replica_step, args=(images,))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
+
+    @tf.function
+    def replica_spread(fingerprint):
+        # (world * 4,) -> (world, 4): every replica's fingerprint, on every worker.
+        gathered = tf.reshape(strategy.gather(strategy.run(lambda: tf.identity(fingerprint)), axis=0), (-1, 4))
+        return tf.reduce_max(tf.reduce_max(gathered, axis=0) - tf.reduce_min(gathered, axis=0))
+
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, config.train.epochs):
+        if config.train.fault_at_epoch == epoch and checkpoint is None and rank == world - 1:
+            os._exit(17)  # test-only fault hook: this worker dies once, before the epoch
+        started = time.perf_counter()
+        totals, step = np.zeros(3), 0
+        batches = shard.iter_batches(
+            batch_size=batch,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
+            local_shuffle_seed=config.seed * 100_003 + epoch * 1009 + rank,
+        )
+        for data in batches:
+            if step == steps_per_epoch:
+                continue  # every worker must run the same number of collective steps
+            noise_seed = tf.constant([config.seed * 1_000_003 + epoch, step * world + rank], tf.int32)
+            totals += train_step(tf.constant(data[COLUMN_IMAGE]), noise_seed).numpy()
+            step += 1
+        seconds = time.perf_counter() - started
+        images = step * global_batch
+        spread = float(replica_spread(tf.constant(weights_fingerprint(model))).numpy())
+        metrics = {
+            "epoch": epoch,
+            "loss": totals[0] / images,
+            "reconstruction": totals[1] / images,
+            "kl": totals[2] / images,
+            "images_per_s": images / seconds,
+            "epoch_time_s": seconds,
+            "learning_rate": float(np.asarray(optimizer.learning_rate)),
+            "replicas_agree": spread == 0.0,
+            "workers": world,
+        }
+        history = [*history, metrics]
+        report_epoch(model, optimizer, config, epoch, history, metrics, rank, get_state)
+        if rank == 0 and progress is not None:
+            progress.put({"event": "epoch", **metrics})
+
+
+def report_epoch(model, optimizer, config, epoch, history, metrics, rank, get_state) -> None:
+    """Every worker reports (it is a barrier); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="vae-ckpt-") as directory:
+        info = {
+            "epoch": epoch,
+            "config": config.to_dict(),
+            "architecture": config.model.architecture(),
+            "metrics": metrics,
+            "history": history,
+        }
+        write_checkpoint(Path(directory), get_state(model, optimizer), info)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
+        )

@@ -1,0 +1,47 @@
+"""Small data makers shared by the tests (no fixtures here: plain functions)."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.schema import IDX_FILES
+
+REAL_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array (1 or 3 dims) in the IDX format."""
+    magic = 0x0800 | array.ndim
+    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def synthetic_split(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(rows) % 10).astype(np.uint8)
+    images = rng.integers(0, 256, size=(rows, 28, 28), dtype=np.uint8)
+    return images, labels
+
+
+def write_idx_dir(directory: Path, train_rows: int = 10, test_rows: int = 2, seed: int = 0) -> Path:
+    """Write the four gzipped IDX files of a tiny synthetic Fashion-MNIST."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("train", train_rows), ("test", test_rows)):
+        images, labels = synthetic_split(rows, seed + (split == "test"))
+        image_name, label_name = IDX_FILES[split]
+        (directory / image_name).write_bytes(gzip.compress(idx_bytes(images)))
+        (directory / label_name).write_bytes(gzip.compress(idx_bytes(labels)))
+    return directory
+
+
+def has_real_data() -> bool:
+    return all((REAL_DATA_DIR / name).is_file() for pair in IDX_FILES.values() for name in pair)
+
+
+def tree_snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` with its bytes, to prove nothing changed."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}

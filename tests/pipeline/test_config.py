@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+from pipeline.config import Config, load_config
+from pipeline.errors import PipelineError
+
+
+def test_defaults_round_trip_through_dict():
+    config = Config()
+    assert Config.from_dict(config.to_dict()) == config
+
+
+def test_toml_file_and_overrides_apply_in_order(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("seed = 3\n[train]\nepochs = 7\nlearning_rate = 0.01\n[model]\nfilters = [8, 16]\n")
+    config = load_config(path, ["train.epochs=2", "data.limit=100"])
+    assert config.seed == 3
+    assert config.train.epochs == 2
+    assert config.train.learning_rate == 0.01
+    assert config.model.filters == (8, 16)
+    assert config.data.limit == 100
+
+
+def test_yaml_file_is_read(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  batch_size: 64\n")
+    assert load_config(path).train.batch_size == 64
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epoch=3", "unknown key train.epoch"),
+        ("trian.epochs=3", "unknown key trian"),
+        ("train.epochs=0", "train.epochs must be >= 1"),
+        ("train.epochs=abc", "train.epochs must be an integer"),
+        ("train.learning_rate=-1", "train.learning_rate must be > 0"),
+        ("model.preset=huge", "model.preset must be one of"),
+        ("data.source=http://x", "data.source must be"),
+        ("train.batch_size=129", "train.batch_size (129) must be a multiple of train.num_workers"),
+        ("train.use_gpu=1", "train.use_gpu must be true or false"),
+        ("export.opset=13", "export.opset must be >= 17"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(PipelineError, match="config: ") as info:
+        load_config(overrides=[override])
+    assert message in str(info.value)
+
+
+def test_malformed_override_and_file_are_errors(tmp_path):
+    with pytest.raises(PipelineError, match="section.key=value"):
+        load_config(overrides=["train.epochs"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nepochs = 1")
+    with pytest.raises(PipelineError, match="cannot parse config"):
+        load_config(bad)
+    with pytest.raises(PipelineError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_model_section_resolves_preset_with_overrides():
+    config = load_config(overrides=["model.preset=seed", "model.latent_dim=8"])
+    architecture = config.model.architecture()
+    assert architecture["latent_dim"] == 8
+    assert tuple(architecture["filters"]) == (32, 64)
+    assert architecture["dense_units"] == 16
+
+
+def test_config_dict_is_json_ready():
+    assert json.loads(json.dumps(Config().to_dict()))["train"]["epochs"] == Config().train.epochs

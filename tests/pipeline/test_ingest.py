@@ -1,0 +1,222 @@
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.ingest import content_sha256, ingest, read_split
+from pipeline.schema import IDX_FILES, MANIFEST_FILE
+from tests.helpers import (
+    REAL_DATA_DIR,
+    has_real_data,
+    idx_bytes,
+    synthetic_split,
+    tree_snapshot,
+    write_idx_dir,
+)
+
+
+def config_for(source, limit=None, rows_per_file=4):
+    overrides = [f"data.source=idx:{source}", f"data.rows_per_file={rows_per_file}"]
+    if limit is not None:
+        overrides.append(f"data.limit={limit}")
+    return load_config(overrides=overrides)
+
+
+def test_ingest_writes_sharded_parquet_and_manifest(tmp_path):
+    source = write_idx_dir(tmp_path / "idx", train_rows=10, test_rows=2)
+    result = ingest(config_for(source, limit=10), tmp_path / "out")
+    out = result.out
+    assert sorted(p.name for p in (out / "train").iterdir()) == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["rows"] == {"train": 10, "test": 2}
+    assert manifest["class_counts"]["train"] == [1] * 10
+    assert manifest["source"]["kind"] == "idx"
+    assert set(manifest["source"]["sha256"]) == {n for pair in IDX_FILES.values() for n in pair}
+    assert "pyarrow" in manifest["versions"]
+    images, labels = read_split(out, "train")
+    expected_images, expected_labels = synthetic_split(10, 0)
+    assert images.dtype == np.uint8 and images.shape == (10, 28, 28)
+    np.testing.assert_array_equal(images, expected_images)
+    np.testing.assert_array_equal(labels, expected_labels)
+
+
+def test_parquet_schema_carries_class_names_and_compression(tmp_path):
+    import pyarrow.parquet as pq
+
+    source = write_idx_dir(tmp_path / "idx")
+    out = ingest(config_for(source, limit=10), tmp_path / "out").out
+    path = out / "train" / "part-00000.parquet"
+    schema = pq.read_schema(path)
+    assert json.loads(schema.metadata[b"class_names"])[9] == "Ankle boot"
+    assert pq.ParquetFile(path).metadata.row_group(0).column(1).compression == "ZSTD"
+
+
+def test_ray_data_reads_images_as_uint8_arrays(tmp_path, ray_local):
+    import ray.data
+
+    source = write_idx_dir(tmp_path / "idx", train_rows=10, test_rows=2)
+    out = ingest(config_for(source, limit=10), tmp_path / "out").out
+    batch = ray.data.read_parquet(str(out / "train")).take_batch(10, batch_format="numpy")
+    assert batch["image"].dtype == np.uint8
+    assert batch["image"].shape == (10, 28, 28)
+    order = np.argsort(batch["id"])
+    np.testing.assert_array_equal(batch["image"][order], synthetic_split(10, 0)[0])
+
+
+def test_rerun_is_a_noop_and_force_rebuilds(tmp_path):
+    source = write_idx_dir(tmp_path / "idx")
+    config = config_for(source, limit=10)
+    first = ingest(config, tmp_path / "out")
+    stamp = os.stat(first.out / MANIFEST_FILE).st_mtime_ns
+    second = ingest(config, tmp_path / "out")
+    assert second.skipped and os.stat(first.out / MANIFEST_FILE).st_mtime_ns == stamp
+    third = ingest(config, tmp_path / "out", force=True)
+    assert not third.skipped
+    assert third.manifest["content_sha256"] == first.manifest["content_sha256"]
+
+
+def test_content_hash_ignores_file_layout(tmp_path):
+    source = write_idx_dir(tmp_path / "idx")
+    a = ingest(config_for(source, limit=10, rows_per_file=3), tmp_path / "a").manifest
+    b = ingest(config_for(source, limit=10, rows_per_file=100), tmp_path / "b").manifest
+    assert a["content_sha256"] == b["content_sha256"]
+    assert a["content_sha256"] == content_sha256(
+        {"train": synthetic_split(10, 0), "test": synthetic_split(2, 1)}
+    )
+
+
+def test_without_limit_partial_data_is_rejected(tmp_path):
+    source = write_idx_dir(tmp_path / "idx")
+    with pytest.raises(PipelineError, match="train split has 10 rows, expected 60000"):
+        ingest(config_for(source), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def corrupt_truncated_gzip(directory):
+    path = directory / IDX_FILES["train"][0]
+    path.write_bytes(path.read_bytes()[:-20])
+    return path.name, "corrupt or truncated gzip"
+
+
+def corrupt_not_gzip(directory):
+    path = directory / IDX_FILES["test"][1]
+    path.write_bytes(b"this is not gzip at all")
+    return path.name, "corrupt or truncated gzip"
+
+
+def corrupt_magic(directory):
+    path = directory / IDX_FILES["train"][1]
+    data = bytearray(gzip.decompress(path.read_bytes()))
+    data[2:4] = b"\x0d\x01"
+    path.write_bytes(gzip.compress(bytes(data)))
+    return path.name, "wrong IDX magic number"
+
+
+def corrupt_count_mismatch(directory):
+    path = directory / IDX_FILES["train"][1]
+    path.write_bytes(gzip.compress(idx_bytes(np.zeros(9, np.uint8))))
+    return "train", "10 images but 9 labels"
+
+
+def corrupt_payload_length(directory):
+    path = directory / IDX_FILES["test"][0]
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-5]))
+    return path.name, "header says"
+
+
+def corrupt_label_range(directory):
+    path = directory / IDX_FILES["test"][1]
+    path.write_bytes(gzip.compress(idx_bytes(np.array([3, 12], np.uint8))))
+    return "test", "label 12 outside 0-9"
+
+
+def corrupt_missing_file(directory):
+    path = directory / IDX_FILES["test"][0]
+    path.unlink()
+    return path.name, "file not found"
+
+
+def corrupt_image_dims(directory):
+    path = directory / IDX_FILES["train"][0]
+    path.write_bytes(gzip.compress(idx_bytes(np.zeros((10, 28, 27), np.uint8))))
+    return "train", "expected (N, 28, 28)"
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        corrupt_truncated_gzip,
+        corrupt_not_gzip,
+        corrupt_magic,
+        corrupt_count_mismatch,
+        corrupt_payload_length,
+        corrupt_label_range,
+        corrupt_missing_file,
+        corrupt_image_dims,
+    ],
+)
+def test_corrupt_source_fails_with_one_line_and_keeps_old_output(tmp_path, corrupt, capsys):
+    good = write_idx_dir(tmp_path / "good")
+    out = tmp_path / "out"
+    ingest(config_for(good, limit=10), out)
+    before = tree_snapshot(out)
+    bad = write_idx_dir(tmp_path / "bad", seed=5)
+    where, problem = corrupt(bad)
+    code = main(["ingest", "--source", f"idx:{bad}", "--out", str(out), "--limit", "10", "--force"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("vae-pipeline: error: ")
+    assert where in err[0] and problem in err[0]
+    assert tree_snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_cli_help_lists_only_working_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("ingest", "train"):
+        assert command in text
+
+
+def test_tfds_source_through_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    config = load_config(overrides=["data.source=tfds", "data.limit=5"])
+    with tfds.testing.mock_data(num_examples=6):
+        result = ingest(config, tmp_path / "out")
+    assert result.manifest["source"]["kind"] == "tfds"
+    assert result.manifest["rows"] == {"train": 5, "test": 5}
+    images, labels = read_split(result.out, "test")
+    assert images.shape == (5, 28, 28) and images.dtype == np.uint8
+    assert labels.max() <= 9
+
+
+def test_auto_source_prefers_env_dir(tmp_path, monkeypatch):
+    from pipeline.sources import resolve_source
+
+    source = write_idx_dir(tmp_path / "idx")
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(source))
+    assert resolve_source("auto") == ("idx", source)
+
+
+@pytest.mark.skipif(not has_real_data(), reason="Debian dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_full_ingest(tmp_path):
+    result = ingest(load_config(overrides=[f"data.source=idx:{REAL_DATA_DIR}"]), tmp_path / "out")
+    manifest = result.manifest
+    assert manifest["rows"] == {"train": 60000, "test": 10000}
+    assert manifest["class_counts"]["train"] == [6000] * 10
+    assert manifest["class_counts"]["test"] == [1000] * 10
+    assert len(list((result.out / "train").glob("*.parquet"))) == 6
+    images, labels = read_split(result.out, "test")
+    assert images.shape == (10000, 28, 28) and labels[:3].tolist() == [9, 2, 1]

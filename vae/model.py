@@ -1,0 +1,108 @@
+"""Encoder, sampling layer, decoder and the thin VAE model that joins them."""
+
+from __future__ import annotations
+
+import keras
+from keras import layers, ops
+
+from vae.config import VAEConfig
+from vae.objective import neg_elbo, reparameterize
+
+
+@keras.saving.register_keras_serializable(package="vae")
+class Sampling(layers.Layer):
+    """Reparameterised draw z = mean + exp(log_var / 2) * eps, eps ~ N(0, I).
+
+    The noise comes from the layer's own `SeedGenerator`, so a model built with
+    the same seed draws the same sequence of samples.
+    """
+
+    def __init__(self, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs):
+        z_mean, z_log_var = inputs
+        eps = keras.random.normal(ops.shape(z_mean), seed=self.seed_generator, dtype=z_mean.dtype)
+        return reparameterize(z_mean, z_log_var, eps)
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+
+def build_encoder(config: VAEConfig) -> keras.Model:
+    """images (N, H, W, C) in [0, 1] -> [z_mean (N, L), z_log_var (N, L)]."""
+    images = keras.Input(shape=config.image_shape, name="image")
+    x = images
+    for filters in config.filters:
+        x = layers.Conv2D(filters, 3, strides=2, padding="same", activation=config.activation)(x)
+        for _ in range(config.convs_per_stage - 1):
+            x = layers.Conv2D(filters, 3, padding="same", activation=config.activation)(x)
+    x = layers.Flatten()(x)  # (N, H/4 * W/4 * filters[-1])
+    x = layers.Dense(config.dense_units, activation=config.activation)(x)
+    # The heads stay float32 under mixed precision: exp(log_var) overflows in float16.
+    z_mean = layers.Dense(config.latent_dim, name="z_mean", dtype="float32")(x)
+    z_log_var = layers.Dense(config.latent_dim, name="z_log_var", dtype="float32")(x)
+    return keras.Model(images, [z_mean, z_log_var], name="encoder")
+
+
+def build_decoder(config: VAEConfig) -> keras.Model:
+    """z (N, L) -> Bernoulli logits (N, H, W, C), float32."""
+    height, width, channels = config.image_shape
+    z = keras.Input(shape=(config.latent_dim,), name="z")
+    base = (height // 4, width // 4, config.filters[-1])
+    x = layers.Dense(base[0] * base[1] * base[2], activation=config.activation)(z)
+    x = layers.Reshape(base)(x)  # (N, H/4, W/4, filters[-1])
+    for filters in reversed(config.filters):
+        x = layers.Conv2DTranspose(
+            filters, 3, strides=2, padding="same", activation=config.activation
+        )(x)
+        for _ in range(config.convs_per_stage - 1):
+            x = layers.Conv2D(filters, 3, padding="same", activation=config.activation)(x)
+    logits = layers.Conv2DTranspose(channels, 3, padding="same", name="logits", dtype="float32")(x)
+    return keras.Model(z, logits, name="decoder")
+
+
+def probability_decoder(decoder: keras.Model) -> keras.Model:
+    """Wrap a logits decoder into z (N, L) -> pixel probabilities (N, H, W, C) in [0, 1]."""
+    z = keras.Input(shape=decoder.input_shape[1:], name="z")
+    image = layers.Activation("sigmoid", name="image", dtype="float32")(decoder(z))
+    return keras.Model(z, image, name="generator")
+
+
+class VAE(keras.Model):
+    """Encoder + sampling + decoder; `call` returns (z_mean, z_log_var, logits)."""
+
+    def __init__(self, config: VAEConfig, seed: int | None = None, **kwargs):
+        super().__init__(name="vae", **kwargs)
+        self.config = config
+        self.encoder = build_encoder(config)
+        self.decoder = build_decoder(config)
+        self.sampling = Sampling(seed=seed, name="sampling")
+
+    def call(self, images, training: bool = False, eps=None):
+        """images (N, H, W, C) -> (z_mean, z_log_var, logits).
+
+        `eps` (N, L) replaces the layer's own noise; distributed training passes
+        per-replica noise this way, so no random state is shared between replicas.
+        """
+        z_mean, z_log_var = self.encoder(images, training=training)
+        if eps is None:
+            z = self.sampling([z_mean, z_log_var])
+        else:
+            z = reparameterize(z_mean, z_log_var, eps)
+        logits = self.decoder(z, training=training)
+        return z_mean, z_log_var, logits
+
+    def losses_per_example(self, images, training: bool = False, eps=None):
+        """(loss, reconstruction, kl) per example, each (N,), in nats."""
+        z_mean, z_log_var, logits = self(images, training=training, eps=eps)
+        return neg_elbo(images, logits, z_mean, z_log_var, beta=self.config.beta)
+
+
+def build_vae(config: VAEConfig, seed: int | None = None) -> VAE:
+    """A VAE with its variables created (so weights can be set straight away)."""
+    model = VAE(config, seed=seed)
+    model(ops.zeros((1, *config.image_shape)))
+    return model
