@@ -46,12 +46,12 @@ def connect(address: str | None, min_cpus: int, verbose: bool = False) -> None:
     logical CPUs (so Ray Data has one left beside the training workers)."""
     import ray
 
+    if address and address != "auto":
+        check_reachable(address, default_port=10001 if address.startswith("ray://") else 6379)
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0" if verbose else "1")
     runtime_env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}}
-    if address and address != "auto":
-        check_reachable(address, default_port=10001 if address.startswith("ray://") else 6379)
     if address:
         log.info("ray: joining cluster at %s", address)
         ray.init(address=address, log_to_driver=verbose, runtime_env=runtime_env)

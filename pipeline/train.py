@@ -139,6 +139,8 @@ def fit(config, data_dir, manifest, storage, resume_from, out, verbose):
             "config": config.to_dict(),
             "train_rows": manifest["rows"]["train"],
             "progress": progress,
+            # Ray Train V2 dropped `resume_from_checkpoint`: the loop loads it itself.
+            "resume_from": resume_from,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.train.num_workers,
@@ -152,7 +154,6 @@ def fit(config, data_dir, manifest, storage, resume_from, out, verbose):
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
         ),
         datasets={"train": dataset},
-        resume_from_checkpoint=ray.train.Checkpoint(resume_from) if resume_from else None,
     )
     outcome: dict[str, Any] = {}
 

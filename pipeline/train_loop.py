@@ -48,9 +48,22 @@ def weights_fingerprint(model) -> np.ndarray:
     return np.frombuffer(digest.digest()[:8], dtype=np.uint16).astype(np.float64)
 
 
+def inject_fault_once(run_name: str) -> None:
+    """Test-only fault hook: kill this worker process the first time it gets here in a run.
+
+    A marker file in the node's temporary directory makes it happen once per run, so
+    the restarted worker group trains on.
+    """
+    marker = Path(tempfile.gettempdir()) / f"vae-pipeline-fault-{run_name}"
+    if not marker.exists():
+        marker.touch()
+        os._exit(17)
+
+
 def train_func(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. `loop_config` holds `config` (a Config dict),
-    `train_rows` (rows in the training split) and `progress` (a queue actor or None)."""
+    `train_rows` (rows in the training split), `progress` (a queue actor or None) and
+    `resume_from` (a checkpoint path or URI to start from, or None)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import ray.train
@@ -82,7 +95,11 @@ def train_func(loop_config: dict[str, Any]) -> None:
         optimizer.build(model.trainable_variables)
 
     start_epoch, history = 0, []
+    # After a worker failure Ray Train hands back the run's latest checkpoint; on a
+    # fresh start an earlier run's checkpoint may be given (`--resume`).
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state, info = read_checkpoint(Path(directory))
@@ -119,8 +136,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, config.train.epochs):
-        if config.train.fault_at_epoch == epoch and checkpoint is None and rank == world - 1:
-            os._exit(17)  # test-only fault hook: this worker dies once, before the epoch
+        if config.train.fault_at_epoch == epoch and rank == world - 1:
+            inject_fault_once(context.get_experiment_name())
         started = time.perf_counter()
         totals, step = np.zeros(3), 0
         batches = shard.iter_batches(

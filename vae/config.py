@@ -60,13 +60,13 @@ class VAEConfig:
 PRESETS: dict[str, VAEConfig] = {
     # The classic keras.io VAE tutorial, layer for layer.
     "seed": VAEConfig(),
-    # Wider latent, two convolutions per resolution, a wide dense layer and smooth
-    # activations: see the README for the measured test ELBO that justifies it.
+    # The tutorial's convolutions with a 32-wide latent, a 256-wide dense layer and
+    # swish activations: see the README for the measured test ELBO that justifies it.
     "default": VAEConfig(
         latent_dim=32,
-        filters=(64, 128),
-        convs_per_stage=2,
-        dense_units=512,
+        filters=(32, 64),
+        convs_per_stage=1,
+        dense_units=256,
         activation="swish",
     ),
 }

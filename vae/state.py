@@ -10,8 +10,9 @@ import numpy as np
 
 
 def get_state(model, optimizer=None) -> dict[str, np.ndarray]:
-    """Every model weight (`model/i`) and optimizer variable (`optimizer/i`) as numpy."""
-    state = {f"model/{i}": np.asarray(v.numpy()) for i, v in enumerate(model.weights)}
+    """Every model variable (`model/i`: weights and the sampler's RNG state) and optimizer
+    variable (`optimizer/i`) as numpy arrays."""
+    state = {f"model/{i}": np.asarray(v.numpy()) for i, v in enumerate(model.variables)}
     if optimizer is not None:
         for i, v in enumerate(optimizer.variables):
             state[f"optimizer/{i}"] = np.asarray(v.numpy())
@@ -23,7 +24,7 @@ def set_state(state: dict[str, np.ndarray], model, optimizer=None) -> None:
 
     Raises ValueError when the number or shapes of the arrays do not match.
     """
-    _assign(state, "model", model.weights)
+    _assign(state, "model", model.variables)
     if optimizer is not None:
         if not optimizer.built:
             optimizer.build(model.trainable_variables)

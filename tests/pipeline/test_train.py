@@ -1,0 +1,95 @@
+import json
+import time
+
+import numpy as np
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.schema import METRICS_FILE, MODEL_DIR, TRAIN_SUMMARY_FILE
+from pipeline.train import find_latest_checkpoint, train
+
+TINY = ["model.preset=seed", "model.latent_dim=4", "train.batch_size=64"]
+
+
+def history(out):
+    return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+
+
+def test_two_workers_lower_the_loss_and_keep_replicas_identical(trained_run):
+    rows = history(trained_run.out)
+    assert [row["epoch"] for row in rows] == [0, 1, 2]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert all(row["replicas_agree"] for row in rows)
+    assert all(row["workers"] == 2 for row in rows)
+    assert all(np.isfinite(row["images_per_s"]) and row["images_per_s"] > 0 for row in rows)
+
+
+def test_a_checkpoint_per_epoch_kept_to_the_configured_number(trained_run):
+    storage = trained_run.out / "ray"
+    kept = sorted(p.name for p in storage.rglob("checkpoint_epoch_*") if p.is_dir())
+    assert kept == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]  # num_to_keep=2 of 3
+    info = json.loads((storage.rglob("checkpoint_epoch_0002").__next__() / "checkpoint.json").read_text())
+    assert info["epoch"] == 2 and len(info["history"]) == 3
+    assert find_latest_checkpoint(str(storage)).endswith("checkpoint_epoch_0002")
+
+
+def test_final_model_and_summary_are_written(trained_run):
+    out = trained_run.out
+    assert (out / MODEL_DIR / "weights.npz").is_file()
+    summary = json.loads((out / TRAIN_SUMMARY_FILE).read_text())
+    assert summary["status"] == "complete" and summary["epochs"] == 3
+    assert list((out / "tensorboard").iterdir())
+
+
+def test_one_worker_trains(tmp_path, small_dataset, ray_local):
+    config = load_config(overrides=[*TINY, "train.epochs=2", "train.num_workers=1"])
+    result = train(config, small_dataset, tmp_path / "run")
+    rows = history(result.out)
+    assert [row["workers"] for row in rows] == [1, 1]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_crashed_worker_restarts_from_latest_checkpoint(tmp_path, small_dataset, ray_local):
+    config = load_config(
+        overrides=[*TINY, "train.epochs=3", "train.fault_at_epoch=2", "train.max_failures=1"]
+    )
+    result = train(config, small_dataset, tmp_path / "run")
+    # The group started at epoch 0 and died before epoch 2; the new group resumed from
+    # the latest checkpoint Ray Train had registered (epoch 0 or 1), not from scratch.
+    first, restart = result.summary["worker_group_starts"]
+    assert first == 0 and restart in (1, 2)
+    assert [row["epoch"] for row in history(result.out)] == [0, 1, 2]
+
+
+def test_without_retries_a_crash_fails_the_stage(tmp_path, small_dataset, ray_local):
+    config = load_config(overrides=[*TINY, "train.epochs=2", "train.fault_at_epoch=1", "train.max_failures=0"])
+    with pytest.raises(PipelineError, match="training failed"):
+        train(config, small_dataset, tmp_path / "run")
+    assert not (tmp_path / "run" / TRAIN_SUMMARY_FILE).exists()
+
+
+def test_resume_continues_an_earlier_run(tmp_path, small_dataset, ray_local):
+    out = tmp_path / "run"
+    train(load_config(overrides=[*TINY, "train.epochs=1"]), small_dataset, out)
+    result = train(load_config(overrides=[*TINY, "train.epochs=3"]), small_dataset, out, resume=True)
+    assert result.summary["worker_group_starts"] == [1]
+    assert [row["epoch"] for row in history(out)] == [0, 1, 2]
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, small_dataset):
+    with pytest.raises(PipelineError, match="no checkpoint found"):
+        train(load_config(overrides=TINY), small_dataset, tmp_path / "run", resume=True)
+
+
+def test_unreachable_address_fails_fast(tmp_path, small_dataset):
+    config = load_config(overrides=[*TINY, "train.address=127.0.0.1:9"])
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match="cannot reach Ray cluster at 127.0.0.1:9"):
+        train(config, small_dataset, tmp_path / "run")
+    assert time.monotonic() - started < 10
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(PipelineError, match="not an ingested dataset"):
+        train(load_config(overrides=TINY), tmp_path / "nothing", tmp_path / "run")

@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+
+from vae import VAEConfig, build_vae, get_state, preset, probability_decoder, set_state
+
+
+def test_seed_preset_matches_keras_tutorial_shapes_and_parameters():
+    model = build_vae(preset("seed"))
+    encoder_shapes = [tuple(layer.output.shape[1:]) for layer in model.encoder.layers[1:]]
+    assert encoder_shapes[:3] == [(14, 14, 32), (7, 7, 64), (3136,)]
+    decoder_shapes = [tuple(layer.output.shape[1:]) for layer in model.decoder.layers[1:]]
+    assert decoder_shapes == [(3136,), (7, 7, 64), (14, 14, 64), (28, 28, 32), (28, 28, 1)]
+    # Parameter counts printed by the keras.io tutorial's encoder.summary() / decoder.summary().
+    assert model.encoder.count_params() == 69_076
+    assert model.decoder.count_params() == 65_089
+
+
+@pytest.mark.parametrize("name", ["seed", "default"])
+def test_output_shapes(name):
+    config = preset(name)
+    model = build_vae(config, seed=0)
+    z_mean, z_log_var, logits = model(np.zeros((3, 28, 28, 1), np.float32))
+    assert z_mean.shape == (3, config.latent_dim) and z_log_var.shape == (3, config.latent_dim)
+    assert logits.shape == (3, 28, 28, 1)
+    images = probability_decoder(model.decoder)(np.zeros((2, config.latent_dim), np.float32))
+    assert images.shape == (2, 28, 28, 1)
+    assert 0.0 <= float(np.min(images)) and float(np.max(images)) <= 1.0
+
+
+def test_bad_architecture_is_a_value_error():
+    with pytest.raises(ValueError, match="activation"):
+        VAEConfig(activation="tanhh")
+    with pytest.raises(ValueError, match="unknown VAEConfig field"):
+        VAEConfig.from_dict({"latent": 3})
+
+
+def test_config_rebuilds_from_dict():
+    config = VAEConfig(latent_dim=5, filters=(8, 16), dense_units=12)
+    assert VAEConfig.from_dict(config.to_dict()) == config
+
+
+def train_steps(model, optimizer, images, steps):
+    import tensorflow as tf
+
+    losses = []
+    for _ in range(steps):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(model.losses_per_example(images, training=True)[0])
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        losses.append(float(loss))
+    return losses
+
+
+def test_save_load_round_trips_weights_and_optimizer_exactly():
+    import keras
+
+    config = VAEConfig(latent_dim=3, filters=(4, 8), dense_units=8)
+    images = np.random.default_rng(0).uniform(size=(16, 28, 28, 1)).astype(np.float32)
+    model = build_vae(config, seed=1)
+    optimizer = keras.optimizers.Adam(1e-3)
+    train_steps(model, optimizer, images, 2)
+    state = get_state(model, optimizer)
+
+    clone = build_vae(VAEConfig.from_dict(config.to_dict()), seed=1)
+    clone_optimizer = keras.optimizers.Adam(1e-3)
+    set_state(state, clone, clone_optimizer)
+    eps = np.random.default_rng(1).normal(size=(16, 3)).astype(np.float32)
+    for a, b in zip(model(images, eps=eps), clone(images, eps=eps), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Optimizer state too: the next step gives identical weights.
+    keras.utils.set_random_seed(5)
+    train_steps(model, optimizer, images, 1)
+    keras.utils.set_random_seed(5)
+    train_steps(clone, clone_optimizer, images, 1)
+    for a, b in zip(get_state(model, optimizer).values(), get_state(clone, clone_optimizer).values(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_set_state_rejects_wrong_shapes():
+    state = get_state(build_vae(VAEConfig(latent_dim=3)))
+    with pytest.raises(ValueError, match="shape"):
+        set_state(state, build_vae(VAEConfig(latent_dim=4)))
+
+
+def test_a_few_steps_lower_the_loss():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    images = np.random.default_rng(0).uniform(size=(32, 28, 28, 1)).astype(np.float32) ** 4
+    model = build_vae(VAEConfig(latent_dim=2, filters=(8, 16), dense_units=16), seed=0)
+    losses = train_steps(model, keras.optimizers.Adam(3e-3), images, 15)
+    assert losses[-1] < losses[0] - 10
