@@ -79,6 +79,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import evaluate
+
+    config = build_config(args, {"iwae_k": "evaluate.iwae_k", "address": "train.address"})
+    result = evaluate(config, args.data, args.model, args.out, verbose=args.verbose)
+    test = result.report["test"]
+    print(
+        f"report written: {result.out / 'report.html'} (test -ELBO {test['neg_elbo']:.2f} nats, "
+        f"IWAE k={test['iwae_k']} {test['neg_iwae']:.2f} nats, "
+        f"5-NN accuracy {result.report['clustering']['knn_accuracy']:.3f})"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export
+
+    config = build_config(args, {})
+    result = export(config, args.model, args.out, data_dir=args.data, eval_dir=args.report)
+    worst = max(result.card["verification"]["max_abs_difference"].values())
+    print(f"artifact written: {result.out} (onnxruntime vs Keras max difference {worst:.1e})")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vae-pipeline",
@@ -113,6 +137,23 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="test-set ELBO, IWAE bound, latent clustering, report")
+    p.add_argument("--data", type=Path, required=True, help="ingested dataset directory")
+    p.add_argument("--model", type=Path, required=True, help="training output directory (TRAIN_DIR)")
+    p.add_argument("--out", type=Path, required=True, help="evaluation output directory")
+    p.add_argument("--iwae-k", type=int, help="importance samples for the IWAE bound (evaluate.iwae_k)")
+    p.add_argument("--address", help="existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="decoder and encoder to ONNX, verified against Keras")
+    p.add_argument("--model", type=Path, required=True, help="training output directory (TRAIN_DIR)")
+    p.add_argument("--out", type=Path, required=True, help="artifact directory to write")
+    p.add_argument("--data", type=Path, help="dataset directory: verify the encoder on its test images")
+    p.add_argument("--report", type=Path, help="evaluation directory: put its metrics in the model card")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_export)
     return parser
 
 

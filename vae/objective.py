@@ -57,13 +57,15 @@ def iwae_bound(
     decode_logits: Callable,
     k: int,
     seed=None,
+    eps=None,
 ):
     """The importance-weighted lower bound on log p(x) with `k` samples (nats, (N,)).
 
     log p(x) >= E[log (1/k) sum_j p(x, z_j) / q(z_j | x)], z_j ~ q(z | x), estimated
     with one draw of k samples per image, combined with log-sum-exp. With k = 1 it
     is the one-sample ELBO estimate. `decode_logits` maps (M, L) latents to
-    (M, H, W, C) logits; it is called once on all N*k samples.
+    (M, H, W, C) logits; it is called once on all N*k samples. `eps` (k, N, L), if
+    given, is the standard normal noise to use instead of drawing it with `seed`.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -71,7 +73,8 @@ def iwae_bound(
 
     n = ops.shape(z_mean)[0]
     latent = ops.shape(z_mean)[1]
-    eps = random.normal((k, n, latent), seed=seed, dtype=z_mean.dtype)
+    if eps is None:
+        eps = random.normal((k, n, latent), seed=seed, dtype=z_mean.dtype)
     z = reparameterize(z_mean[None], z_log_var[None], eps)  # (k, N, L)
     z_flat = ops.reshape(z, (k * n, latent))
     logits = decode_logits(z_flat)  # (k*N, H, W, C)

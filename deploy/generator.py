@@ -1,0 +1,125 @@
+"""`Generator`: one onnxruntime session per model, made once and reused."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from deploy.artifact import DECODER_FILE, ENCODER_FILE, verify_checksums
+
+IMAGE_SHAPE = (28, 28, 1)
+
+
+def choose_providers(providers: str | Sequence[str] = "auto") -> list[str]:
+    """'auto': CUDA when this onnxruntime offers it, then CPU; 'cpu'/'cuda'; or an explicit list."""
+    available = ort.get_available_providers()
+    if providers == "auto":
+        chosen = [p for p in ("CUDAExecutionProvider",) if p in available]
+        return [*chosen, "CPUExecutionProvider"]
+    if providers == "cpu":
+        return ["CPUExecutionProvider"]
+    if providers == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise ValueError(f"CUDA requested but this onnxruntime offers only {available}")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise ValueError(f"providers {missing} not available; this onnxruntime offers {available}")
+    return list(providers)
+
+
+class Generator:
+    """Decode, sample, interpolate and encode with an exported VAE artifact.
+
+    Args:
+        artifact_dir: the export stage's output directory. Every file listed in its
+            SHA256SUMS is checked before loading; a mismatch raises ArtifactError.
+        providers: "auto" (CUDA if available, else CPU), "cpu", "cuda", or a list of
+            onnxruntime execution providers.
+        intra_op_threads / inter_op_threads: onnxruntime thread pools (0: its default).
+    """
+
+    def __init__(
+        self,
+        artifact_dir: str | os.PathLike,
+        providers: str | Sequence[str] = "auto",
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
+    ):
+        self.artifact_dir = Path(artifact_dir)
+        sums = verify_checksums(self.artifact_dir)
+        self.providers = choose_providers(providers)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = inter_op_threads
+        self.session_options = options
+        self._decoder = ort.InferenceSession(str(self.artifact_dir / DECODER_FILE), options, providers=self.providers)
+        self._encoder = None
+        if ENCODER_FILE in sums:
+            self._encoder = ort.InferenceSession(str(self.artifact_dir / ENCODER_FILE), options, providers=self.providers)
+        meta = self._decoder.get_modelmeta().custom_metadata_map
+        self.latent_dim = int(self._decoder.get_inputs()[0].shape[1])
+        self.class_names = json.loads(meta["class_names"]) if "class_names" in meta else None
+        self.metadata = dict(meta)
+
+    def decode(self, z) -> np.ndarray:
+        """Latents (N, latent_dim) -> images (N, 28, 28, 1) float32 in [0, 1]."""
+        z = _check_batch(z, (self.latent_dim,), "z")
+        return self._decoder.run(["image"], {"z": z})[0]
+
+    def sample(self, n: int, seed: int | None = None, temperature: float = 1.0) -> np.ndarray:
+        """`n` images decoded from z ~ N(0, temperature^2 I)."""
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}")
+        if not np.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        rng = np.random.default_rng(seed)
+        z = (rng.standard_normal((int(n), self.latent_dim)) * temperature).astype(np.float32)
+        return self.decode(z)
+
+    def interpolate(self, a, b, steps: int) -> np.ndarray:
+        """Images along the straight line from latent `a` to latent `b` (both (latent_dim,)), ends included."""
+        if not isinstance(steps, (int, np.integer)) or steps < 2:
+            raise ValueError(f"steps must be an integer >= 2, got {steps!r}")
+        a = _check_batch(np.asarray(a)[None] if np.ndim(a) == 1 else a, (self.latent_dim,), "a")
+        b = _check_batch(np.asarray(b)[None] if np.ndim(b) == 1 else b, (self.latent_dim,), "b")
+        if len(a) != 1 or len(b) != 1:
+            raise ValueError("a and b must each be one latent vector")
+        weights = np.linspace(0.0, 1.0, steps, dtype=np.float32)[:, None]  # (steps, 1)
+        return self.decode((1.0 - weights) * a + weights * b)
+
+    def encode(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """Images (N, 28, 28, 1) or (N, 28, 28), float32 in [0, 1] -> (z_mean, z_log_var)."""
+        if self._encoder is None:
+            raise ValueError(f"{self.artifact_dir} has no {ENCODER_FILE}")
+        images = np.asarray(images)
+        if images.ndim == 3:
+            images = images[..., None]
+        images = _check_batch(images, IMAGE_SHAPE, "images")
+        if images.min() < 0.0 or images.max() > 1.0:
+            raise ValueError("images must be scaled to [0, 1] (divide uint8 pixels by 255)")
+        z_mean, z_log_var = self._encoder.run(["z_mean", "z_log_var"], {"image": images})
+        return z_mean, z_log_var
+
+
+def _check_batch(array, item_shape: tuple[int, ...], name: str) -> np.ndarray:
+    """A non-empty, finite float32 batch of shape (N, *item_shape); ValueError otherwise."""
+    array = np.asarray(array)
+    if array.ndim != len(item_shape) + 1:
+        raise ValueError(f"{name} must have shape (N, {', '.join(map(str, item_shape))}), got {array.shape}")
+    if array.shape[1:] != item_shape:
+        raise ValueError(f"{name} must have shape (N, {', '.join(map(str, item_shape))}), got {array.shape}")
+    if array.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{name} must be floating point, got {array.dtype}")
+    array = array.astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return np.ascontiguousarray(array)

@@ -1,0 +1,249 @@
+"""Export stage: the decoder and encoder to ONNX (tf2onnx), verified against Keras.
+
+Output contract (ARTIFACT_DIR):
+    decoder.onnx   z [batch, L] float32 -> image [batch, 28, 28, 1] float32 in [0, 1]
+    encoder.onnx   image [batch, 28, 28, 1] float32 in [0, 1] -> z_mean, z_log_var [batch, L]
+    model_card.json, MODEL_CARD.md, SHA256SUMS, config.json
+Nothing is left behind unless every check passes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.atomic import atomic_directory, write_json, write_text
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.model_card import render_model_card
+from pipeline.schema import (
+    CHECKSUMS_FILE,
+    CLASS_NAMES,
+    CONFIG_FILE,
+    DECODER_ONNX,
+    ENCODER_ONNX,
+    MODEL_CARD_JSON,
+    MODEL_CARD_MD,
+    REPORT_JSON,
+    TRAIN_SUMMARY_FILE,
+)
+from pipeline.sources import sha256_file
+
+log = logging.getLogger(__name__)
+
+VERIFY_BATCH_SIZES = (1, 7, 256)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    card: dict[str, Any]
+
+
+def convert(function, signature, opset: int, output_names: list[str]):
+    """A tf.function -> ONNX ModelProto with named outputs."""
+    import tf2onnx
+
+    model, _ = tf2onnx.convert.from_function(function, input_signature=signature, opset=opset)
+    graph_outputs = [o.name for o in model.graph.output]
+    rename = dict(zip(graph_outputs, output_names, strict=True))
+    for node in model.graph.node:
+        node.output[:] = [rename.get(name, name) for name in node.output]
+    for output in model.graph.output:
+        output.name = rename[output.name]
+    return model
+
+
+def onnx_models(model, opset: int):
+    """Build the decoder and encoder ONNX models from a trained VAE."""
+    import tensorflow as tf
+
+    from vae import probability_decoder
+
+    latent = model.config.latent_dim
+    generator = probability_decoder(model.decoder)
+    encoder = model.encoder
+
+    @tf.function
+    def decode(z):
+        return generator(z, training=False)
+
+    @tf.function
+    def encode(image):
+        z_mean, z_log_var = encoder(image, training=False)
+        return z_mean, z_log_var
+
+    decoder_onnx = convert(decode, [tf.TensorSpec([None, latent], tf.float32, name="z")], opset, ["image"])
+    encoder_onnx = convert(
+        encode,
+        [tf.TensorSpec([None, *model.config.image_shape], tf.float32, name="image")],
+        opset,
+        ["z_mean", "z_log_var"],
+    )
+    return {"decoder": (decoder_onnx, generator), "encoder": (encoder_onnx, encoder)}
+
+
+def verify(onnx_path: Path, keras_model, inputs: np.ndarray, tolerance: float) -> float:
+    """Max |onnxruntime - Keras| over `inputs` at every verification batch size."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    worst = 0.0
+    for batch in VERIFY_BATCH_SIZES:
+        for start in range(0, len(inputs), batch):
+            chunk = inputs[start : start + batch]
+            expected = keras_model(chunk, training=False)
+            expected = [np.asarray(e) for e in (expected if isinstance(expected, (list, tuple)) else [expected])]
+            got = session.run(None, {input_name: chunk})
+            for e, g in zip(expected, got, strict=True):
+                if e.shape != g.shape:
+                    raise PipelineError(f"{onnx_path.name}: output shape {g.shape}, Keras gives {e.shape}")
+                worst = max(worst, float(np.max(np.abs(e - g))))
+    if not np.isfinite(worst) or worst > tolerance:
+        raise PipelineError(f"{onnx_path.name}: onnxruntime differs from Keras by {worst:.3g} > {tolerance:g}")
+    return worst
+
+
+def verification_images(data_dir: Path | None, count: int, seed: int) -> np.ndarray:
+    """Test images in [0, 1] (N, 28, 28, 1): from the dataset if given, else random."""
+    if data_dir is not None:
+        from pipeline.ingest import read_split
+
+        images, _ = read_split(data_dir, "test")
+        if len(images) >= count:
+            return images[:count, ..., None].astype(np.float32) / 255.0
+        log.warning("export: the test split has %d images; topping up with random ones", len(images))
+        real = images[..., None].astype(np.float32) / 255.0
+    else:
+        real = np.zeros((0, 28, 28, 1), np.float32)
+    rng = np.random.default_rng(seed)
+    return np.concatenate([real, rng.uniform(size=(count - len(real), 28, 28, 1)).astype(np.float32)])
+
+
+def export(
+    config: Config,
+    train_dir: Path,
+    out: Path,
+    data_dir: Path | None = None,
+    eval_dir: Path | None = None,
+) -> ExportResult:
+    """Run the export stage; ARTIFACT_DIR appears only if every check passes."""
+    import onnx
+
+    from pipeline.model_store import load_model
+
+    train_dir, out = Path(train_dir), Path(out)
+    model, info = load_model(train_dir)
+    evaluation = read_optional_json(eval_dir, REPORT_JSON)
+    summary = read_optional_json(train_dir, TRAIN_SUMMARY_FILE)
+    ex = config.export
+    rng = np.random.default_rng(config.seed)
+    latents = rng.standard_normal((ex.verify_samples, model.config.latent_dim)).astype(np.float32)
+    images = verification_images(data_dir, ex.verify_samples, config.seed)
+    metadata = artifact_metadata(model, info, summary, evaluation)
+    with atomic_directory(out) as tmp:
+        checks = {}
+        for name, (proto, keras_model) in onnx_models(model, ex.opset).items():
+            for key, value in metadata.items():
+                proto.metadata_props.add(key=key, value=value)
+            proto.doc_string = f"vae-pipeline {__version__}: Fashion-MNIST VAE {name}"
+            path = tmp / (DECODER_ONNX if name == "decoder" else ENCODER_ONNX)
+            onnx.save(proto, str(path))
+            try:
+                onnx.checker.check_model(str(path), full_check=True)
+            except onnx.checker.ValidationError as exc:
+                raise PipelineError(f"{path.name}: ONNX checker failed: {str(exc).splitlines()[0]}") from exc
+            inputs = latents if name == "decoder" else images
+            checks[name] = verify(path, keras_model, inputs, ex.tolerance)
+            log.info("export: %s verified, max |onnxruntime - keras| = %.2e", path.name, checks[name])
+        card = model_card(model, metadata, checks, evaluation, ex)
+        write_json(tmp / MODEL_CARD_JSON, card)
+        write_text(tmp / MODEL_CARD_MD, render_model_card(card))
+        write_json(tmp / CONFIG_FILE, config.to_dict())
+        write_checksums(tmp)
+    return ExportResult(out, card)
+
+
+def read_optional_json(directory: Path | None, name: str) -> dict[str, Any] | None:
+    if directory is None:
+        return None
+    path = Path(directory) / name
+    if not path.is_file():
+        raise PipelineError(f"{directory}: no {name}")
+    return json.loads(path.read_text())
+
+
+def artifact_metadata(model, info, summary, evaluation) -> dict[str, str]:
+    """String key/values stored in each ONNX file's metadata_props."""
+    metadata = {
+        "latent_dim": str(model.config.latent_dim),
+        "image_shape": json.dumps(list(model.config.image_shape)),
+        "class_names": json.dumps(CLASS_NAMES),
+        "architecture": json.dumps(info["architecture"]),
+        "training_run": json.dumps(
+            {"epochs": info.get("epochs"), "checkpoint": (summary or {}).get("checkpoint")}
+        ),
+        "data_sha256": str(info.get("data_sha256")),
+        "package_version": __version__,
+    }
+    if evaluation is not None:
+        metadata["test_neg_elbo_nats"] = f"{evaluation['test']['neg_elbo']:.4f}"
+    return metadata
+
+
+def model_card(model, metadata, checks, evaluation, export_config) -> dict[str, Any]:
+    latent = model.config.latent_dim
+    return {
+        "name": "fashion-mnist-vae",
+        "description": "A convolutional variational autoencoder trained on Fashion-MNIST; the decoder "
+        "turns latent vectors into 28x28 greyscale images, the encoder maps images to latent Gaussians.",
+        "files": {
+            DECODER_ONNX: {
+                "inputs": {"z": {"shape": ["batch", latent], "dtype": "float32"}},
+                "outputs": {"image": {"shape": ["batch", 28, 28, 1], "dtype": "float32", "range": [0, 1]}},
+            },
+            ENCODER_ONNX: {
+                "inputs": {"image": {"shape": ["batch", 28, 28, 1], "dtype": "float32", "range": [0, 1]}},
+                "outputs": {
+                    "z_mean": {"shape": ["batch", latent], "dtype": "float32"},
+                    "z_log_var": {"shape": ["batch", latent], "dtype": "float32"},
+                },
+            },
+        },
+        "latent_dim": latent,
+        "class_names": list(CLASS_NAMES),
+        "opset": export_config.opset,
+        "verification": {
+            "max_abs_difference": checks,
+            "tolerance": export_config.tolerance,
+            "samples": export_config.verify_samples,
+            "batch_sizes": list(VERIFY_BATCH_SIZES),
+        },
+        "metrics": None if evaluation is None else {
+            "test_neg_elbo_nats": evaluation["test"]["neg_elbo"],
+            "test_neg_iwae_nats": evaluation["test"]["neg_iwae"],
+            "iwae_k": evaluation["test"]["iwae_k"],
+            "knn_accuracy": evaluation["clustering"]["knn_accuracy"],
+            "active_units": evaluation["posterior"]["active_units"],
+        },
+        "metadata": metadata,
+        "versions": {"pipeline": __version__, "python": platform.python_version()},
+    }
+
+
+def write_checksums(directory: Path) -> None:
+    """SHA256SUMS over every other file, in `sha256sum -c` format."""
+    lines = [
+        f"{sha256_file(path)}  {path.name}\n"
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name != CHECKSUMS_FILE
+    ]
+    write_text(directory / CHECKSUMS_FILE, "".join(lines))
