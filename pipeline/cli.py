@@ -103,6 +103,52 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.run import run_pipeline
+
+    config = build_config(args, {})
+    runs_root = args.runs_root.expanduser()
+    run_dir = args.run_dir.expanduser() if args.run_dir else None
+    result = run_pipeline(config, runs_root, run_dir, force=args.force, verbose=args.verbose)
+    print(f"run complete: {result.run_dir}")
+    print(f"artifact: {result.artifact}")
+    return 0
+
+
+def default_dashboard() -> str:
+    return os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline import submit
+
+    # The job runs on the cluster, so its own RAY_ADDRESS applies there, not ours.
+    config = load_config(args.config, args.overrides)
+    job_id = submit.submit(args.address, config, runs_root=args.runs_root, run_dir=args.run_dir)
+    if args.no_wait:
+        print(job_id)
+        return 0
+    log.info("submit: job %s submitted to %s; streaming its logs", job_id, args.address)
+    final = submit.follow(args.address, job_id)
+    print(f"job {job_id}: {final}")
+    return 0 if final == "SUCCEEDED" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline import submit
+
+    state = submit.status(args.address, args.job_id)
+    print(state)
+    return 0 if state in ("SUCCEEDED", "PENDING", "RUNNING") else 1
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from pipeline import submit
+
+    print(submit.logs(args.address, args.job_id), end="")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vae-pipeline",
@@ -154,6 +200,32 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, help="evaluation directory: put its metrics in the model card")
     _add_config_args(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("run", help="all stages in one run directory, cached per stage")
+    p.add_argument("--run-dir", type=Path, help="run (or continue) in this directory")
+    p.add_argument(
+        "--runs-root",
+        type=Path,
+        default=Path(os.environ.get("VAE_PIPELINE_RUNS", "runs")),  # read once, here
+        help="where new run directories and the `latest` link go (default: $VAE_PIPELINE_RUNS or ./runs)",
+    )
+    p.add_argument("--force", metavar="STAGE", help="rerun STAGE and every stage after it")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("submit", help="submit `run` to a Ray cluster as a Ray Job")
+    p.add_argument("--address", default=default_dashboard(), help="Ray dashboard, e.g. http://HEAD:8265")
+    p.add_argument("--runs-root", default="~/vae-pipeline/runs", help="runs directory on the cluster")
+    p.add_argument("--run-dir", help="run directory on the cluster (default: a new one under --runs-root)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_submit)
+
+    for name, func, text in (("status", cmd_status, "a submitted job's status"), ("logs", cmd_logs, "a submitted job's logs")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job_id")
+        p.add_argument("--address", default=default_dashboard(), help="Ray dashboard, e.g. http://HEAD:8265")
+        p.set_defaults(func=func)
     return parser
 
 

@@ -127,7 +127,7 @@ def test_vae_generate_writes_a_png(tmp_path, artifact, capsys):  # noqa: F811
     import matplotlib.image
 
     pixels = matplotlib.image.imread(str(out))
-    assert pixels.shape == (4 * 30, 4 * 30)
+    assert pixels.shape == (3 * 30, 4 * 30)  # 10 images in rows of ceil(sqrt(10)) = 4
 
 
 def test_vae_generate_bad_artifact_is_one_line(tmp_path, capsys):

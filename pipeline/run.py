@@ -1,0 +1,260 @@
+"""`vae-pipeline run`: ingest -> train -> evaluate -> export in one run directory.
+
+Each stage's inputs (its config sections and the upstream outputs' hashes) give it a
+key. A stage whose key matches a completed record in run.json, and whose output still
+hashes the same, is skipped. A failed or killed stage is never recorded complete: the
+next run starts again there (training resumes from its latest checkpoint).
+
+Layout: RUN/run.json, RUN/data/, RUN/train/, RUN/eval/, RUN/artifact/; RUNS/latest
+points at the newest run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.atomic import write_json
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.schema import CHECKSUMS_FILE, MANIFEST_FILE, MODEL_DIR, MODEL_WEIGHTS_FILE, REPORT_JSON
+from pipeline.sources import sha256_file
+
+log = logging.getLogger(__name__)
+
+STAGES = ("ingest", "train", "evaluate", "export")
+RUN_FILE = "run.json"
+LATEST = "latest"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    directory: str
+    sections: tuple[str, ...]  # config sections that are this stage's inputs
+    output_file: str  # the file whose hash stands for the stage's output
+
+
+STAGE_SPECS = {
+    "ingest": Stage("ingest", "data", ("data",), MANIFEST_FILE),
+    "train": Stage("train", "train", ("seed", "model", "train"), f"{MODEL_DIR}/{MODEL_WEIGHTS_FILE}"),
+    "evaluate": Stage("evaluate", "eval", ("seed", "evaluate"), REPORT_JSON),
+    "export": Stage("export", "artifact", ("seed", "export"), CHECKSUMS_FILE),
+}
+UPSTREAM = {"ingest": (), "train": ("ingest",), "evaluate": ("ingest", "train"), "export": ("ingest", "train", "evaluate")}
+# Settings that change where or how fast a stage runs, not what it produces.
+NOT_INPUTS = {"train": ("address", "storage_path", "fault_at_epoch", "max_failures", "checkpoints_to_keep")}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    record: dict[str, Any]
+
+    @property
+    def artifact(self) -> Path:
+        return self.run_dir / STAGE_SPECS["export"].directory
+
+
+def stage_key(name: str, config: Config, record: dict[str, Any]) -> str:
+    """Hash of the stage's config sections and its upstream stages' output hashes."""
+    data = config.to_dict()
+    inputs: dict[str, Any] = {}
+    for section in STAGE_SPECS[name].sections:
+        value = data[section]
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in NOT_INPUTS.get(name, ())}
+        inputs[section] = value
+    inputs["upstream"] = {up: record["stages"][up]["output_sha256"] for up in UPSTREAM[name]}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def git_commit() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def choose_run_dir(runs_root: Path, run_dir: Path | None) -> Path:
+    """The given run directory, else a new timestamped one under `runs_root`."""
+    if run_dir is not None:
+        return Path(run_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = Path(runs_root) / f"run-{stamp}", 1
+    while candidate.exists():
+        candidate, n = Path(runs_root) / f"run-{stamp}-{n}", n + 1
+    return candidate
+
+
+def point_latest(runs_root: Path, run_dir: Path) -> None:
+    """Atomically repoint RUNS/latest at `run_dir` (a relative symlink)."""
+    link = Path(runs_root) / LATEST
+    tmp = link.with_name(f".{LATEST}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(run_dir.resolve(), link.parent.resolve()), tmp)
+    os.replace(tmp, link)
+
+
+def load_record(run_dir: Path, config: Config) -> dict[str, Any]:
+    path = run_dir / RUN_FILE
+    record = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+    record.update(
+        {
+            "config": config.to_dict(),
+            "versions": {"pipeline": __version__, "python": platform.python_version()},
+            "git_commit": git_commit(),
+            "status": "running",
+            "pid": os.getpid(),
+        }
+    )
+    return record
+
+
+def output_sha256(run_dir: Path, name: str) -> str | None:
+    path = run_dir / STAGE_SPECS[name].directory / STAGE_SPECS[name].output_file
+    return sha256_file(path) if path.is_file() else None
+
+
+def is_cached(run_dir: Path, record: dict[str, Any], name: str, key: str) -> bool:
+    entry = record["stages"].get(name, {})
+    return (
+        entry.get("status") == "complete"
+        and entry.get("key") == key
+        and entry.get("output_sha256") is not None
+        and output_sha256(run_dir, name) == entry["output_sha256"]
+    )
+
+
+def stage_runners(config: Config, run_dir: Path, verbose: bool) -> dict[str, Callable[[bool], None]]:
+    """Each stage as a callable taking `resume` (only training uses it)."""
+    d = {name: run_dir / spec.directory for name, spec in STAGE_SPECS.items()}
+
+    def ingest(resume: bool) -> None:
+        from pipeline.ingest import ingest as run_ingest
+
+        run_ingest(config, d["ingest"], force=True)
+
+    def train(resume: bool) -> None:
+        from pipeline.train import train as run_train
+
+        run_train(config, d["ingest"], d["train"], resume=resume, verbose=verbose)
+
+    def evaluate(resume: bool) -> None:
+        from pipeline.evaluate import evaluate as run_evaluate
+
+        run_evaluate(config, d["ingest"], d["train"], d["evaluate"], verbose=verbose)
+
+    def export(resume: bool) -> None:
+        from pipeline.export import export as run_export
+
+        run_export(config, d["train"], d["export"], data_dir=d["ingest"], eval_dir=d["evaluate"])
+
+    return {"ingest": ingest, "train": train, "evaluate": evaluate, "export": export}
+
+
+def can_resume_training(run_dir: Path, entry: dict[str, Any], key: str) -> bool:
+    """An interrupted train stage with the same inputs and a checkpoint continues."""
+    from pipeline.train import find_latest_checkpoint, storage_location
+
+    if entry.get("key") != key or entry.get("status") == "complete":
+        return False
+    config = Config.from_dict(entry["config"]) if "config" in entry else None
+    storage = storage_location(config, run_dir / "train") if config else str(run_dir / "train" / "ray")
+    return find_latest_checkpoint(storage) is not None
+
+
+def run_pipeline(
+    config: Config,
+    runs_root: Path = Path("runs"),
+    run_dir: Path | None = None,
+    force: str | None = None,
+    verbose: bool = False,
+) -> RunResult:
+    """Run every stage in order, skipping cached ones; raises PipelineError on failure."""
+    if force is not None and force not in STAGES:
+        raise PipelineError(f"--force: unknown stage {force!r}; choose one of {', '.join(STAGES)}")
+    run_dir = choose_run_dir(runs_root, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir.parent.resolve() == Path(runs_root).resolve():
+        point_latest(runs_root, run_dir)
+    record = load_record(run_dir, config)
+    record.setdefault("started", time.time())
+    write_json(run_dir / RUN_FILE, record)
+    log.info("run: %s", run_dir)
+    forced = STAGES[STAGES.index(force):] if force else ()
+    runners = stage_runners(config, run_dir, verbose)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        for name in STAGES:
+            key = stage_key(name, config, record)
+            if name not in forced and is_cached(run_dir, record, name, key):
+                log.info("run: %s: up to date, skipped", name)
+                record["stages"][name]["skipped"] = True
+                continue
+            entry = record["stages"].get(name, {})
+            resume = name == "train" and name not in forced and can_resume_training(run_dir, entry, key)
+            execute_stage(run_dir, record, name, key, runners[name], resume, config)
+        record["status"] = "complete"
+    except BaseException as exc:
+        record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        record["error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        record["ended"] = time.time()
+        record.pop("pid", None)
+        write_json(run_dir / RUN_FILE, record)
+    record["artifact"] = str(run_dir / STAGE_SPECS["export"].directory)
+    write_json(run_dir / RUN_FILE, record)
+    return RunResult(run_dir, record)
+
+
+def execute_stage(run_dir, record, name, key, runner, resume, config) -> None:
+    spec = STAGE_SPECS[name]
+    started = time.time()
+    entry = {
+        "status": "running",
+        "key": key,
+        "started": started,
+        "output": str(run_dir / spec.directory),
+        "inputs": {up: record["stages"][up]["output_sha256"] for up in UPSTREAM[name]},
+        "config": config.to_dict(),
+    }
+    record["stages"][name] = entry
+    for later in STAGES[STAGES.index(name) + 1 :]:
+        record["stages"].pop(later, None)  # downstream results are stale once this reruns
+    write_json(run_dir / RUN_FILE, record)
+    log.info("run: %s: %s", name, "resuming from its latest checkpoint" if resume else "running")
+    try:
+        runner(resume)
+    except BaseException as exc:
+        entry.update(status="failed", ended=time.time(), error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        write_json(run_dir / RUN_FILE, record)
+        raise
+    entry.update(status="complete", ended=time.time(), seconds=time.time() - started)
+    entry["output_sha256"] = output_sha256(run_dir, name)
+    write_json(run_dir / RUN_FILE, record)
+    log.info("run: %s: done in %.0f s", name, entry["seconds"])
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

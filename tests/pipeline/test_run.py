@@ -1,0 +1,103 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.run import RUN_FILE, run_pipeline
+from tests.helpers import REAL_DATA_DIR, has_real_data, write_idx_dir
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    if has_real_data():
+        return REAL_DATA_DIR
+    return write_idx_dir(tmp_path_factory.mktemp("idx"), 2048, 512)
+
+
+def small(source, *extra):
+    return [
+        f"data.source=idx:{source}",
+        "data.limit=512",
+        "data.rows_per_file=128",
+        "model.preset=seed",
+        "model.latent_dim=4",
+        "train.epochs=1",
+        "train.batch_size=64",
+        "evaluate.iwae_k=2",
+        *extra,
+    ]
+
+
+def statuses(run_dir):
+    record = json.loads((run_dir / RUN_FILE).read_text())
+    return {name: (s["status"], s.get("skipped", False)) for name, s in record["stages"].items()}, record
+
+
+def test_full_run_then_cached_rerun(tmp_path, source, ray_local):
+    config = load_config(overrides=small(source))
+    result = run_pipeline(config, runs_root=tmp_path / "runs")
+    assert (result.artifact / "decoder.onnx").is_file()
+    stages, record = statuses(result.run_dir)
+    assert record["status"] == "complete" and record["artifact"] == str(result.artifact)
+    assert stages == {name: ("complete", False) for name in ("ingest", "train", "evaluate", "export")}
+    assert record["config"]["train"]["epochs"] == 1
+    assert all(len(s["output_sha256"]) == 64 for s in record["stages"].values())
+    assert (tmp_path / "runs" / "latest").resolve() == result.run_dir.resolve()
+
+    again = run_pipeline(config, runs_root=tmp_path / "runs", run_dir=result.run_dir)
+    stages, _ = statuses(again.run_dir)
+    assert all(skipped for _, skipped in stages.values())
+
+    forced = run_pipeline(config, runs_root=tmp_path / "runs", run_dir=result.run_dir, force="evaluate")
+    stages, _ = statuses(forced.run_dir)
+    assert stages["train"] == ("complete", True) and stages["evaluate"] == ("complete", False)
+
+
+def test_failed_stage_keeps_earlier_outputs_and_rerun_resumes_there(tmp_path, source, ray_local):
+    run_dir = tmp_path / "run"
+    with pytest.raises(PipelineError, match="differs from Keras"):
+        run_pipeline(load_config(overrides=small(source, "export.tolerance=1e-30")), run_dir=run_dir)
+    stages, record = statuses(run_dir)
+    assert record["status"] == "failed"
+    assert stages["export"][0] == "failed" and stages["evaluate"][0] == "complete"
+    assert not (run_dir / "artifact").exists()
+    result = run_pipeline(load_config(overrides=small(source)), run_dir=run_dir)
+    stages, _ = statuses(result.run_dir)
+    assert [stages[n] for n in ("ingest", "train", "evaluate")] == [("complete", True)] * 3
+    assert stages["export"] == ("complete", False)
+
+
+def test_unknown_force_stage_is_an_error(tmp_path):
+    with pytest.raises(PipelineError, match="unknown stage 'trian'"):
+        run_pipeline(load_config(), run_dir=tmp_path / "run", force="trian")
+
+
+def test_run_killed_mid_train_is_resumed_not_taken_as_complete(tmp_path, source):
+    run_dir = tmp_path / "run"
+    overrides = small(source, "train.epochs=12", "data.limit=2048")
+    command = [sys.executable, "-m", "pipeline.cli", "run", "--run-dir", str(run_dir)]
+    for item in overrides:
+        command += ["--set", item]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list((run_dir / "train" / "ray").glob("*/checkpoint_epoch_0001")):
+        assert process.poll() is None and time.monotonic() < deadline, "training never checkpointed"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    stages, _ = statuses(run_dir)
+    assert stages["train"][0] == "running"
+    assert not (run_dir / "train" / "train.json").exists()
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == f"artifact: {run_dir / 'artifact'}"
+    summary = json.loads((run_dir / "train" / "train.json").read_text())
+    assert summary["resumed_from"] is not None and summary["worker_group_starts"][0] >= 2
+    assert summary["epochs"] == 12
