@@ -53,8 +53,9 @@ def connect(address: str | None, min_cpus: int, verbose: bool = False) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0" if verbose else "1")
     runtime_env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}}
     if address:
+        # No runtime_env here: inside a Ray Job the job's own applies, and two conflict.
         log.info("ray: joining cluster at %s", address)
-        ray.init(address=address, log_to_driver=verbose, runtime_env=runtime_env)
+        ray.init(address=address, log_to_driver=verbose)
     else:
         cpus = max(os.cpu_count() or 1, min_cpus)
         log.info("ray: starting a local Ray with %d CPUs", cpus)

@@ -22,16 +22,21 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 EXCLUDES = [".venv", ".git", "runs", "data", "artifacts", "**/__pycache__", "*.egg-info", ".pytest_cache"]
 DEFAULT_CLUSTER_RUNS = "~/vae-pipeline/runs"
+AGENT_WAIT_S = 60
 
 
 def flatten_overrides(config: Config) -> list[str]:
-    """The whole config as `section.key=json` strings that `--set` reads back exactly."""
+    """The whole config as `section.key=json` strings that `--set` reads back exactly.
+
+    Unset (None) values are left out, so that on the cluster the defaults, and the
+    job's own RAY_ADDRESS for `train.address`, apply.
+    """
     items = []
     for key, value in config.to_dict().items():
-        if isinstance(value, dict):
-            items += [f"{key}.{name}={json.dumps(v) if not isinstance(v, str) else v}" for name, v in value.items()]
-        else:
-            items.append(f"{key}={json.dumps(value)}")
+        pairs = value.items() if isinstance(value, dict) else [(None, value)]
+        for name, v in pairs:
+            if v is not None:
+                items.append(f"{key if name is None else f'{key}.{name}'}={v if isinstance(v, str) else json.dumps(v)}")
     return items
 
 
@@ -64,7 +69,16 @@ def submit(address: str, config: Config, runs_root: str = DEFAULT_CLUSTER_RUNS, 
         "excludes": EXCLUDES,
         "env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"},
     }
-    return jobs.submit_job(entrypoint=entrypoint(config, runs_root, run_dir), runtime_env=runtime_env)
+    command = entrypoint(config, runs_root, run_dir)
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            return jobs.submit_job(entrypoint=command, runtime_env=runtime_env)
+        except RuntimeError as exc:
+            # A freshly started head answers before its job agent is up: wait for it.
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise PipelineError(f"job submission to {address} failed: {str(exc).splitlines()[0]}") from exc
+            time.sleep(2)
 
 
 def follow(address: str, job_id: str, echo=print, poll_s: float = 1.0) -> str:

@@ -22,21 +22,38 @@ def free_port():
         return s.getsockname()[1]
 
 
+def stop_cluster(temp_dir):
+    """Kill only the processes of the Ray started with `temp_dir` (`ray stop` kills every Ray)."""
+    import psutil
+
+    victims = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(temp_dir) in part for part in process.info["cmdline"] or []):
+            victims.append(process)
+    for process in victims:
+        process.kill()
+    psutil.wait_procs(victims, timeout=30)
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A real Ray head on 127.0.0.1 with the Jobs API, stopped afterwards."""
+    """A real Ray head on 127.0.0.1 with the Jobs API."""
     port, dashboard = free_port(), free_port()
     temp = tmp_path_factory.mktemp("rayhead")
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    ray = str(VENV_BIN / "ray")
+    # Loopback-only test cluster: token auth off (a real cluster keeps it, see README).
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env['PATH']}"  # the cluster's `python` has the deps
     subprocess.run(
-        [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=3",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
+        [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--num-cpus=3", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", f"--temp-dir={temp}", "--disable-usage-stats",
+         # Its own agent ports, so another Ray on this machine cannot hold them.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"],
         check=True, capture_output=True, env=env, timeout=180,
     )
     yield f"http://127.0.0.1:{dashboard}"
-    subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+    stop_cluster(temp)
 
 
 def test_flattened_config_reads_back_identically():
@@ -54,8 +71,9 @@ def test_submit_runs_the_pipeline_as_a_job(tmp_path, ray_head, capsys):
     )
     run_dir = tmp_path / "jobrun"
     code = main(["submit", "--address", ray_head, "--config", str(config), "--run-dir", str(run_dir)])
-    out = capsys.readouterr().out
-    assert code == 0, out[-3000:]
+    captured = capsys.readouterr()
+    out = captured.out
+    assert code == 0, out[-3000:] + captured.err[-1500:]
     assert out.strip().splitlines()[-1].endswith(": SUCCEEDED")
     assert f"artifact: {run_dir / 'artifact'}" in out
     assert (run_dir / "artifact" / "decoder.onnx").is_file()
