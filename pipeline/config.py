@@ -96,7 +96,7 @@ class ModelConfig:
 class TrainConfig:
     """Data-parallel training with Ray Train."""
 
-    epochs: int = 30
+    epochs: int = 25  # the default preset: about 14 minutes with 2 workers on 2 cores
     batch_size: int = 128  # global batch: summed over all workers
     learning_rate: float = 1e-3
     lr_schedule: str = "cosine"  # "constant" or "cosine" (decay to 5% over the run)
@@ -135,7 +135,7 @@ class TrainConfig:
 class EvaluateConfig:
     """Test-set bounds and latent-space clustering."""
 
-    iwae_k: int = 100  # importance samples for the IWAE bound
+    iwae_k: int = 10  # importance samples for the IWAE bound (10: about a minute on 2 cores)
     batch_size: int = 500
     knn_k: int = 5
     clusters: int = 10

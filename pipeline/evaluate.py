@@ -32,7 +32,15 @@ from pipeline.metrics import (
     reconstruction_floor,
 )
 from pipeline.model_store import read_model_info
-from pipeline.schema import COLUMN_ID, COLUMN_IMAGE, COLUMN_LABEL, CONFIG_FILE, PIXELS, REPORT_HTML, REPORT_JSON
+from pipeline.schema import (
+    COLUMN_ID,
+    COLUMN_IMAGE,
+    COLUMN_LABEL,
+    CONFIG_FILE,
+    PIXELS,
+    REPORT_HTML,
+    REPORT_JSON,
+)
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +199,8 @@ def evaluate(config: Config, data_dir: Path, train_dir: Path, out: Path, verbose
 
 
 def build_report(config, manifest, info, data_dir, scores, train_latents, seconds) -> dict[str, Any]:
-    import sklearn
-
     import ray
+    import sklearn
 
     check_finite(scores)
     train_images, _ = read_split(data_dir, "train")

@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,7 +113,8 @@ def write_split(directory: Path, images: np.ndarray, labels: np.ndarray, rows_pe
     directory.mkdir(parents=True)
     schema = parquet_schema()
     count = max(1, -(-len(labels) // rows_per_file))
-    for index in range(count):
+
+    def write_file(index: int) -> None:
         rows = slice(index * rows_per_file, (index + 1) * rows_per_file)
         table = pa.table(
             [
@@ -121,7 +124,12 @@ def write_split(directory: Path, images: np.ndarray, labels: np.ndarray, rows_pe
             ],
             schema=schema,
         )
-        pq.write_table(table, directory / f"part-{index:05d}.parquet", compression="zstd")
+        # zstd level 1: most of the size gain of the default level at a fraction of the time.
+        pq.write_table(table, directory / f"part-{index:05d}.parquet", compression="zstd", compression_level=1)
+
+    # pyarrow releases the GIL while encoding, so files are written in parallel.
+    with ThreadPoolExecutor(max_workers=min(count, os.cpu_count() or 1)) as pool:
+        list(pool.map(write_file, range(count)))
     return count
 
 

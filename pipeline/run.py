@@ -28,7 +28,13 @@ from pipeline import __version__
 from pipeline.atomic import write_json
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.schema import CHECKSUMS_FILE, MANIFEST_FILE, MODEL_DIR, MODEL_WEIGHTS_FILE, REPORT_JSON
+from pipeline.schema import (
+    CHECKSUMS_FILE,
+    MANIFEST_FILE,
+    MODEL_DIR,
+    MODEL_WEIGHTS_FILE,
+    REPORT_JSON,
+)
 from pipeline.sources import sha256_file
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,104 @@
+"""Train-stage throughput, all in one run on the same data and the `seed` preset:
+(a) 1 Ray Train worker vs a plain single-process Keras `fit` (same threads, batch size);
+(b) 2 workers x 1 CPU vs 1 worker x 1 CPU (scaling efficiency = ratio / 2 of images/s).
+
+    .venv/bin/python benchmarks/train_throughput.py [--rows 20000] [--epochs 3]
+Targets: (a) >= 1.0x; (b) efficiency >= 0.85. Epoch 1 (tracing, warm-up) is left out.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def stage_images_per_s(data, workers, cpus, epochs, batch, root):
+    from pipeline.config import load_config
+    from pipeline.train import train
+
+    config = load_config(overrides=[
+        "model.preset=seed", f"train.epochs={epochs}", f"train.batch_size={batch}",
+        f"train.num_workers={workers}", f"train.cpus_per_worker={cpus}", "train.lr_schedule=constant",
+    ])
+    out = Path(root) / f"train-{workers}x{cpus}"
+    train(config, data, out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return sum(r["images_per_s"] for r in rows[1:]) / len(rows[1:])
+
+
+def keras_fit_images_per_s(data, threads, epochs, batch):
+    import keras
+    import tensorflow as tf
+
+    from pipeline.ingest import read_split
+    from vae import build_vae, preset
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    images, _ = read_split(data, "train")
+    x = images[..., None].astype("float32") / 255.0
+    model = build_vae(preset("seed"), seed=0)
+
+    class Fit(keras.Model):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def call(self, inputs, training=False):
+            return self.vae(inputs, training=training)
+
+        def train_step(self, data):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(self.vae.losses_per_example(data, training=True)[0])
+            grads = tape.gradient(loss, self.trainable_variables)
+            self.optimizer.apply_gradients(zip(grads, self.trainable_variables, strict=True))
+            return {"loss": loss}
+
+    fit = Fit(model)
+    fit.compile(optimizer=keras.optimizers.Adam(1e-3))
+    times = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.started)
+
+    fit.fit(x, epochs=epochs, batch_size=batch, verbose=0, callbacks=[Timer()], shuffle=True)
+    steps = len(x) // batch
+    return sum(steps * batch / t for t in times[1:]) / len(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=20000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=128)
+    args = parser.parse_args()
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.ingest import ingest
+
+    with tempfile.TemporaryDirectory() as root:
+        data = ingest(load_config(overrides=[f"data.limit={args.rows}"]), Path(root) / "data").out
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+        one = stage_images_per_s(data, 1, 1, args.epochs, args.batch, root)
+        one_two_cpu = stage_images_per_s(data, 1, 2, args.epochs, args.batch, root)
+        two = stage_images_per_s(data, 2, 1, args.epochs, args.batch, root)
+        ray.shutdown()
+        fit_one = keras_fit_images_per_s(data, 1, args.epochs, args.batch)
+    print(f"Keras fit, 1 thread:         {fit_one:8.0f} images/s")
+    print(f"stage, 1 worker x 1 CPU:     {one:8.0f} images/s")
+    print(f"stage, 1 worker x 2 CPUs:    {one_two_cpu:8.0f} images/s")
+    print(f"stage, 2 workers x 1 CPU:    {two:8.0f} images/s")
+    print(f"(a) stage 1 worker / Keras fit (1 CPU each): {one / fit_one:.2f}x (target >= 1.0x)")
+    print(f"(b) scaling efficiency 2x1 vs 1x1: {two / (2 * one):.2f} (target >= 0.85)")
+
+
+if __name__ == "__main__":
+    main()
