@@ -236,6 +236,9 @@ def configure_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    if not verbose:  # converter and parser chatter
+        for name in ("tf2onnx", "absl", "tensorflow"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,6 +60,8 @@ def connect(address: str | None, min_cpus: int, verbose: bool = False) -> None:
         cpus = max(os.cpu_count() or 1, min_cpus)
         log.info("ray: starting a local Ray with %d CPUs", cpus)
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=verbose, runtime_env=runtime_env)
+    import ray.data  # noqa: F401  (it configures its loggers on import: quiet them after)
+
     if not verbose:  # Ray Data's per-dataset INFO lines are noise at this size
         for name in ("ray", "ray.data", "ray.train"):
             logging.getLogger(name).setLevel(logging.WARNING)
