@@ -152,13 +152,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vae-pipeline",
+        allow_abbrev=False,
         description="Train a convolutional VAE on Fashion-MNIST with Ray Train and export it to ONNX.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("ingest", help="Fashion-MNIST -> validated Parquet dataset + manifest")
+    p = sub.add_parser("ingest", help="Fashion-MNIST -> validated Parquet dataset + manifest", allow_abbrev=False)
     p.add_argument(
         "--source",
         help="auto (default: local IDX files if found, else tfds), tfds, or idx:DIR",
@@ -169,7 +170,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("train", help="data-parallel VAE training with Ray Train")
+    p = sub.add_parser("train", help="data-parallel VAE training with Ray Train", allow_abbrev=False)
     p.add_argument("--data", type=Path, required=True, help="ingested dataset directory")
     p.add_argument("--out", type=Path, required=True, help="training output directory")
     p.add_argument("--epochs", type=int, help="number of epochs (train.epochs)")
@@ -184,7 +185,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="test-set ELBO, IWAE bound, latent clustering, report")
+    p = sub.add_parser("evaluate", help="test-set ELBO, IWAE bound, latent clustering, report", allow_abbrev=False)
     p.add_argument("--data", type=Path, required=True, help="ingested dataset directory")
     p.add_argument("--model", type=Path, required=True, help="training output directory (TRAIN_DIR)")
     p.add_argument("--out", type=Path, required=True, help="evaluation output directory")
@@ -193,7 +194,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="decoder and encoder to ONNX, verified against Keras")
+    p = sub.add_parser("export", help="decoder and encoder to ONNX, verified against Keras", allow_abbrev=False)
     p.add_argument("--model", type=Path, required=True, help="training output directory (TRAIN_DIR)")
     p.add_argument("--out", type=Path, required=True, help="artifact directory to write")
     p.add_argument("--data", type=Path, help="dataset directory: verify the encoder on its test images")
@@ -201,7 +202,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("run", help="all stages in one run directory, cached per stage")
+    p = sub.add_parser("run", help="all stages in one run directory, cached per stage", allow_abbrev=False)
     p.add_argument("--run-dir", type=Path, help="run (or continue) in this directory")
     p.add_argument(
         "--runs-root",
@@ -213,7 +214,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("submit", help="submit `run` to a Ray cluster as a Ray Job")
+    p = sub.add_parser("submit", help="submit `run` to a Ray cluster as a Ray Job", allow_abbrev=False)
     p.add_argument("--address", default=default_dashboard(), help="Ray dashboard, e.g. http://HEAD:8265")
     p.add_argument("--runs-root", default="~/vae-pipeline/runs", help="runs directory on the cluster")
     p.add_argument("--run-dir", help="run directory on the cluster (default: a new one under --runs-root)")
@@ -222,7 +223,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_submit)
 
     for name, func, text in (("status", cmd_status, "a submitted job's status"), ("logs", cmd_logs, "a submitted job's logs")):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, help=text, allow_abbrev=False)
         p.add_argument("job_id")
         p.add_argument("--address", default=default_dashboard(), help="Ray dashboard, e.g. http://HEAD:8265")
         p.set_defaults(func=func)
