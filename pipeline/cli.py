@@ -247,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     # TensorFlow's C++ start-up chatter (CPU features, missing CUDA) is not for users.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if args.verbose else "3")
+    if args.command in ("train", "evaluate", "export", "run") and not args.verbose:
+        from pipeline.quiet import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
     try:
         return args.func(args)
     except PipelineError as exc:

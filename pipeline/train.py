@@ -119,7 +119,7 @@ def train(config: Config, data_dir: Path, out: Path, resume: bool = False, verbo
 
 
 def fit(config, data_dir, manifest, storage, resume_from, out, verbose):
-    """Run the TrainerTrainer in a thread while this thread logs its progress events."""
+    """Run the TensorflowTrainer in a thread while this thread logs its progress events."""
     import ray
     import ray.data
     import ray.train
@@ -170,7 +170,7 @@ def fit(config, data_dir, manifest, storage, resume_from, out, verbose):
         while thread.is_alive() or not progress.empty():
             try:
                 event = progress.get(timeout=0.5)
-            except (queue.Empty, Exception):  # ray.util.queue.Empty subclasses queue.Empty
+            except queue.Empty:  # ray.util.queue.Empty subclasses it
                 continue
             events.append(event)
             logger.handle(event)
