@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from deploy.artifact import sha256_file
 from pipeline import __version__
 from pipeline.atomic import atomic_directory, write_json, write_text
 from pipeline.config import Config
@@ -34,7 +35,6 @@ from pipeline.schema import (
     REPORT_JSON,
     TRAIN_SUMMARY_FILE,
 )
-from pipeline.sources import sha256_file
 
 log = logging.getLogger(__name__)
 

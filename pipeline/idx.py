@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import struct
 import zlib
 from pathlib import Path
@@ -40,17 +41,21 @@ def parse_idx(data: bytes, name: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def read_idx_gz(path: Path) -> np.ndarray:
-    """Read and decode one gzipped IDX file; any problem is a PipelineError naming it."""
+def read_idx_gz(path: Path) -> tuple[np.ndarray, str]:
+    """Read and decode one gzipped IDX file, reading it from disk once.
+
+    Returns the array and the SHA-256 of the compressed file; any problem is a
+    PipelineError naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: file not found")
+    raw = path.read_bytes()
     try:
-        with gzip.open(path, "rb") as handle:
-            data = handle.read()
+        data = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
         raise PipelineError(f"{path}: corrupt or truncated gzip ({exc})") from exc
-    return parse_idx(data, str(path))
+    return parse_idx(data, str(path)), hashlib.sha256(raw).hexdigest()
 
 
 def validate_split(images: np.ndarray, labels: np.ndarray, name: str) -> None:

@@ -51,17 +51,42 @@ def connect(address: str | None, min_cpus: int, verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0" if verbose else "1")
+    if not verbose:
+        quiet_ray_loggers()
+    ray_level = logging.INFO if verbose else logging.WARNING
     runtime_env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONWARNINGS": "ignore"}}
     if address:
         # No runtime_env here: inside a Ray Job the job's own applies, and two conflict.
         log.info("ray: joining cluster at %s", address)
-        ray.init(address=address, log_to_driver=verbose)
+        ray.init(address=address, log_to_driver=verbose, logging_level=ray_level)
     else:
         cpus = max(os.cpu_count() or 1, min_cpus)
         log.info("ray: starting a local Ray with %d CPUs", cpus)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=verbose, runtime_env=runtime_env)
+        ray.init(
+            num_cpus=cpus,
+            include_dashboard=False,
+            log_to_driver=verbose,
+            logging_level=ray_level,
+            runtime_env=runtime_env,
+        )
     import ray.data  # noqa: F401  (it configures its loggers on import: quiet them after)
 
-    if not verbose:  # Ray Data's per-dataset INFO lines are noise at this size
-        for name in ("ray", "ray.data", "ray.train"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    if not verbose:
+        quiet_ray_loggers()
+
+
+# Start-up and per-dataset lines that say nothing a pipeline user acts on: Ray's
+# INFO chatter, the notice that a local Ray uses token authentication (it does, by
+# default), and Ray Data's "progress bars disabled" (the stages print their own).
+QUIET_LOGGERS = {
+    "ray": logging.WARNING,
+    "ray.data": logging.WARNING,
+    "ray.train": logging.WARNING,
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,
+    "ray.data._internal.progress": logging.ERROR,
+}
+
+
+def quiet_ray_loggers() -> None:
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)

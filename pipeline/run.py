@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deploy.artifact import sha256_file
 from pipeline import __version__
 from pipeline.atomic import write_json
 from pipeline.config import Config
@@ -35,7 +36,6 @@ from pipeline.schema import (
     MODEL_WEIGHTS_FILE,
     REPORT_JSON,
 )
-from pipeline.sources import sha256_file
 
 log = logging.getLogger(__name__)
 

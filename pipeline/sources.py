@@ -6,7 +6,6 @@ plain arrays per split plus a description of what it read.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -61,14 +60,6 @@ def resolve_source(spec: str) -> tuple[str, Path | None]:
     raise PipelineError(f"unknown source {spec!r}: use auto, tfds or idx:DIR")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_idx_dir(directory: Path) -> SourceData:
     """Read and validate the four gzipped IDX files of `directory`."""
     if not directory.is_dir():
@@ -76,12 +67,10 @@ def load_idx_dir(directory: Path) -> SourceData:
     splits, hashes = {}, {}
     for split in SPLITS:
         image_name, label_name = IDX_FILES[split]
-        images = read_idx_gz(directory / image_name)
-        labels = read_idx_gz(directory / label_name)
+        images, hashes[image_name] = read_idx_gz(directory / image_name)
+        labels, hashes[label_name] = read_idx_gz(directory / label_name)
         validate_split(images, labels, f"{directory}/{split}")
         splits[split] = (images, labels)
-        for name in (image_name, label_name):
-            hashes[name] = sha256_file(directory / name)
     return SourceData("idx", str(directory), splits, hashes)
 
 

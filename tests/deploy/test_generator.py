@@ -38,6 +38,21 @@ def test_decode_matches_keras(generator, trained_run):
     np.testing.assert_allclose(generator.decode(z), np.asarray(probability_decoder(model.decoder)(z)), atol=1e-5)
 
 
+def test_chunked_batches_equal_one_run(artifact):  # noqa: F811
+    z = np.random.default_rng(4).standard_normal((301, 4)).astype(np.float32)
+    images = np.random.default_rng(5).uniform(size=(150, 28, 28, 1)).astype(np.float32)
+    with Generator(artifact.out, providers="cpu", parallel=1) as single, Generator(
+        artifact.out, providers="cpu", parallel=3
+    ) as chunked:
+        assert chunked.parallel == 3 and single.parallel == 1
+        np.testing.assert_allclose(chunked.decode(z), single.decode(z), atol=1e-6)
+        for got, expected in zip(chunked.encode(images), single.encode(images), strict=True):
+            assert got.shape == (150, 4)
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="parallel"):
+        Generator(artifact.out, providers="cpu", parallel=0)
+
+
 def test_temperature_zero_like_small_values_shrink_toward_the_mean_image(generator):
     cold = generator.sample(64, seed=0, temperature=1e-3)
     assert np.abs(cold - cold[0]).max() < 1e-2

@@ -93,3 +93,33 @@ def test_unreachable_address_fails_fast(tmp_path, small_dataset):
 def test_missing_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(PipelineError, match="not an ingested dataset"):
         train(load_config(overrides=TINY), tmp_path / "nothing", tmp_path / "run")
+
+
+def test_shard_cache_shuffles_every_cached_image_each_epoch():
+    from pipeline.train_loop import ShardCache
+
+    cache = ShardCache()
+    images = np.arange(10 * 28 * 28, dtype=np.uint32).reshape(10, 28, 28).astype(np.uint8)
+    images[:, 0, 0] = np.arange(10)  # row ids
+    for start in range(0, 10, 3):
+        cache.add(images[start : start + 3])
+    cache.seal(min_rows=8)
+    first = [batch[:, 0, 0].tolist() for batch in cache.epoch_batches(batch=4, steps=2, seed=1)]
+    second = [batch[:, 0, 0].tolist() for batch in cache.epoch_batches(batch=4, steps=2, seed=2)]
+    assert [len(b) for b in first] == [4, 4]
+    assert len(set(sum(first, []))) == 8  # no image twice in an epoch
+    assert first != second
+
+
+def test_shard_cache_gives_up_when_too_big_or_short():
+    from pipeline.train_loop import ShardCache
+
+    images = np.zeros((10, 28, 28), np.uint8)
+    big = ShardCache(limit_bytes=images.nbytes - 1)
+    big.add(images)
+    big.seal(min_rows=1)
+    assert big.images is None
+    short = ShardCache()
+    short.add(images)
+    short.seal(min_rows=11)
+    assert short.images is None
