@@ -98,7 +98,7 @@ class TrainConfig:
 
     epochs: int = 25  # the default preset: about 14 minutes with 2 workers on 2 cores
     batch_size: int = 128  # global batch: summed over all workers
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-3
     lr_schedule: str = "cosine"  # "constant" or "cosine" (decay to 5% over the run)
     num_workers: int = 2
     cpus_per_worker: int = 1
