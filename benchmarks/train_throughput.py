@@ -83,8 +83,9 @@ def keras_fit_images_per_s(data, threads, epochs, batch):
 
 def keras_fit_in_subprocess(data, threads, epochs, batch) -> float:
     """TensorFlow's thread pools are fixed once it starts: one process per setting."""
+    here = str(Path(__file__).resolve().parent)
     code = (
-        "import json, sys; sys.path.insert(0, 'benchmarks'); from train_throughput import keras_fit_images_per_s; "
+        f"import json, sys; sys.path.insert(0, {here!r}); from train_throughput import keras_fit_images_per_s; "
         f"print(json.dumps(keras_fit_images_per_s({str(data)!r}, {threads}, {epochs}, {batch})))"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
