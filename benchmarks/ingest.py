@@ -1,14 +1,16 @@
 """Full ingest from the local IDX files vs only reading and gunzipping them (same run).
 
-    .venv/bin/python benchmarks/ingest.py [--source DIR] [--repeats 3]
-Target: ratio under 2.0x.
+    .venv/bin/python benchmarks/ingest.py [--source DIR] [--repeats 5]
+Target: ratio under 2.0x. The baseline reads the four files one after the other and
+gunzips each with one zlib call (the fastest way the standard library has, ~12% faster
+than gzip.open().read()); the stage may use both cores.
 """
 
 import argparse
-import gzip
 import statistics
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 from pipeline.config import load_config
@@ -18,13 +20,14 @@ from pipeline.sources import DEBIAN_DIR
 
 
 def gunzip_only(source: Path) -> int:
-    return sum(len(gzip.open(source / name).read()) for pair in IDX_FILES.values() for name in pair)
+    names = [name for pair in IDX_FILES.values() for name in pair]
+    return sum(len(zlib.decompress((source / name).read_bytes(), wbits=16 + zlib.MAX_WBITS)) for name in names)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--source", type=Path, default=DEBIAN_DIR)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     config = load_config(overrides=[f"data.source=idx:{args.source}"])
     baseline, full = [], []

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import platform
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from pipeline import __version__
 from pipeline.atomic import atomic_directory, write_json
 from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.progressive import ProgressiveArray
 from pipeline.schema import (
     CLASS_NAMES,
     COLUMN_ID,
@@ -68,16 +69,19 @@ def parquet_schema():
     )
 
 
-def select(source: SourceData, limit: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Apply `limit`, or without one require the complete dataset's counts."""
+Splits = dict[str, tuple[ProgressiveArray, np.ndarray]]  # split -> (images, labels)
+HASH_ROWS = 10_000  # images hashed per step, as they are decoded
+
+
+def select(source: SourceData, limit: int | None) -> Splits:
+    """Apply `limit` to the labels (a split has len(labels) rows; its images may hold
+    more), or without one require the complete dataset's counts."""
     chosen = {}
     for split in SPLITS:
         images, labels = source.splits[split]
         if limit is None:
             check_full_counts(split, labels, source.location)
-        else:
-            images, labels = images[:limit], labels[:limit]
-        chosen[split] = (images, labels)
+        chosen[split] = (images, labels[:limit])
     return chosen
 
 
@@ -94,14 +98,17 @@ def check_full_counts(split: str, labels: np.ndarray, location: str) -> None:
         raise PipelineError(f"{location}: {split} class counts {counts.tolist()} are not balanced")
 
 
-def content_sha256(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
-    """A hash of the decoded data (the same whatever the source or file layout)."""
+def content_sha256(splits: Splits) -> str:
+    """A hash of the decoded data (the same whatever the source or file layout), taken
+    row block by row block as the images are decoded."""
     digest = hashlib.sha256()
     for split in SPLITS:
         images, labels = splits[split]
         digest.update(split.encode())
-        digest.update(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
-        digest.update(np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
+        for start in range(0, len(labels), HASH_ROWS):
+            stop = min(start + HASH_ROWS, len(labels))
+            digest.update(np.ascontiguousarray(images.rows(stop)[start:]))
+        digest.update(np.ascontiguousarray(labels, dtype=np.uint8))
     return digest.hexdigest()
 
 
@@ -110,42 +117,61 @@ def write_file(path: Path, ids: np.ndarray, images: np.ndarray, labels: np.ndarr
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    schema = parquet_schema()
+    pixels = pa.array(np.ascontiguousarray(images, dtype=np.uint8).reshape(-1))  # zero-copy
+    image_type = schema.field(COLUMN_IMAGE).type
     table = pa.table(
         [
             pa.array(ids, type=pa.int64()),
-            pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(images)),
+            pa.ExtensionArray.from_storage(
+                image_type,
+                pa.FixedSizeListArray.from_arrays(pixels, image_type.storage_type.list_size),
+            ),
             pa.array(labels, type=pa.uint8()),
         ],
-        schema=parquet_schema(),
+        schema=schema,
     )
-    # No dictionary encoding of the pixels: it halves the write time for ~40% larger
-    # files (still ~4x smaller than raw).
-    pq.write_table(table, path, compression="zstd", use_dictionary=[COLUMN_LABEL])
+    # Parquet stores each uint8 pixel as an INT32. BYTE_STREAM_SPLIT puts the always-zero
+    # high bytes in their own streams, so zstd skips through them: ~40% faster writes and
+    # ~30% smaller files than PLAIN. No dictionary for pixels (halves the write time).
+    pq.write_table(
+        table,
+        path,
+        compression="zstd",
+        compression_level=-3,
+        use_dictionary=[COLUMN_LABEL],
+        column_encoding={f"{COLUMN_IMAGE}.list.element": "BYTE_STREAM_SPLIT"},
+    )
 
 
-def write_splits(
-    directory: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], rows_per_file: int, pool: ThreadPoolExecutor
-) -> dict[str, int]:
-    """Write every split as numbered Parquet files, all files in parallel on `pool`
-    (pyarrow releases the GIL while encoding); returns the number of files per split."""
+def write_part(path: Path, images: ProgressiveArray, labels: np.ndarray, start: int, stop: int) -> None:
+    """Rows [start, stop) of a split as one Parquet file, once those rows are decoded."""
+    write_file(path, np.arange(start, stop), images.rows(stop)[start:], labels[start:stop])
+
+
+def write_splits(directory: Path, splits: Splits, rows_per_file: int, pool: Executor) -> dict[str, int]:
+    """Write every split as numbered Parquet files on `pool` (pyarrow releases the GIL
+    while encoding), each file as soon as its rows are decoded; returns the number of
+    files per split. Returns or raises only once every write has stopped."""
     jobs, counts = [], {}
-    for split in SPLITS:
+    # Smaller splits first: their files finish decoding first, so no writer idles.
+    for split in sorted(SPLITS, key=lambda name: len(splits[name][1])):
         images, labels = splits[split]
         (directory / split).mkdir(parents=True)
         counts[split] = max(1, -(-len(labels) // rows_per_file))
-        ids = np.arange(len(labels))
         for index in range(counts[split]):
-            rows = slice(index * rows_per_file, (index + 1) * rows_per_file)
+            start, stop = index * rows_per_file, min((index + 1) * rows_per_file, len(labels))
             path = directory / split / f"part-{index:05d}.parquet"
-            jobs.append(pool.submit(write_file, path, ids[rows], images[rows], labels[rows]))
+            jobs.append(pool.submit(write_part, path, images, labels, start, stop))
+    wait(jobs)
     for job in jobs:
         job.result()
-    return counts
+    return {split: counts[split] for split in SPLITS}
 
 
 def build_manifest(
     source: SourceData,
-    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    splits: Splits,
     digest: str,
     config: Config,
     files: dict,
@@ -166,7 +192,7 @@ def build_manifest(
         "files": files,
         "limit": config.data.limit,
         "rows_per_file": config.data.rows_per_file,
-        "source": {"kind": source.kind, "location": source.location, "sha256": source.file_sha256},
+        "source": {"kind": source.kind, "location": source.location, "sha256": source.file_sha256()},
         "versions": {
             "pipeline": __version__,
             "python": platform.python_version(),
@@ -184,16 +210,25 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 
 def ingest(config: Config, out: Path, force: bool = False) -> IngestResult:
-    """Run the ingest stage; nothing is written unless the whole dataset validates."""
+    """Run the ingest stage; nothing is written unless the whole dataset validates.
+
+    Decoding, hashing and Parquet writing overlap: files are written into a temporary
+    directory as their rows are decoded, and it replaces `out` only once every file,
+    the content hash and the source's gzip checksums are good.
+    """
     out = Path(out)
-    source = load_source(config.data.source)
-    log.info("ingest: source %s (%s)", source.kind, source.location)
-    splits = select(source, config.data.limit)
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        digest = pool.submit(content_sha256, splits)  # hashlib releases the GIL too
+    workers = os.cpu_count() or 1
+    # The hash gets its own thread: it waits on decoding, and must not hold a pool slot.
+    with ThreadPoolExecutor(workers, "ingest") as pool, ThreadPoolExecutor(1, "ingest-hash") as hasher:
+        source = load_source(config.data.source, pool)
+        log.info("ingest: source %s (%s)", source.kind, source.location)
+        splits = select(source, config.data.limit)
+        digest = hasher.submit(content_sha256, splits)
         if not force and (out / MANIFEST_FILE).is_file():
             old = read_manifest(out)
-            if old.get("content_sha256") == digest.result() and old.get("rows_per_file") == config.data.rows_per_file:
+            same = old.get("content_sha256") == digest.result()
+            if same and old.get("rows_per_file") == config.data.rows_per_file:
+                source.file_sha256()  # raises if any file fails its gzip checks
                 log.info("ingest: %s already holds this data (sha256 %s); nothing to do", out, digest.result()[:12])
                 return IngestResult(out, old, skipped=True)
         with atomic_directory(out) as tmp:
@@ -201,9 +236,7 @@ def ingest(config: Config, out: Path, force: bool = False) -> IngestResult:
             manifest = build_manifest(source, splits, digest.result(), config, files)
             write_json(tmp / MANIFEST_FILE, manifest)
             write_json(tmp / CONFIG_FILE, config.to_dict())
-    log.info(
-        "ingest: wrote %s (%d train / %d test rows)", out, manifest["rows"]["train"], manifest["rows"]["test"]
-    )
+    log.info("ingest: wrote %s (%d train / %d test rows)", out, manifest["rows"]["train"], manifest["rows"]["test"])
     return IngestResult(out, manifest, skipped=False)
 
 
@@ -226,5 +259,7 @@ def images_from_column(column) -> np.ndarray:
         column = column.combine_chunks()
     images = column.to_numpy_ndarray()
     if images.shape[1:] != IMAGE_SHAPE or images.dtype != np.uint8:
-        raise PipelineError(f"image column holds {images.dtype} {images.shape[1:]}, expected uint8 {IMAGE_SHAPE}")
+        raise PipelineError(
+            f"image column holds {images.dtype} {images.shape[1:]}, expected uint8 {IMAGE_SHAPE}"
+        )
     return images

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.idx import read_idx_gz, validate_split
+from pipeline.idx import inflate_idx_gz, validate_split
+from pipeline.progressive import ProgressiveArray
 from pipeline.schema import IDX_FILES, SPLITS
 
 log = logging.getLogger(__name__)
@@ -26,12 +28,20 @@ KERAS_CACHE_DIR = Path("~/.keras/datasets/fashion-mnist").expanduser()
 
 @dataclass
 class SourceData:
-    """Decoded arrays per split: images (N, 28, 28) uint8 and labels (N,) uint8."""
+    """Per split: images (N, 28, 28) uint8, possibly still decoding, and labels (N,) uint8.
+
+    Labels and the images' shape are known and validated when a loader returns; image
+    rows may still be arriving (see ProgressiveArray).
+    """
 
     kind: str  # "idx" or "tfds"
     location: str
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]
-    file_sha256: dict[str, str] = field(default_factory=dict)
+    splits: dict[str, tuple[ProgressiveArray, np.ndarray]]
+    file_jobs: dict[str, Future] = field(default_factory=dict)  # file name -> its SHA-256
+
+    def file_sha256(self) -> dict[str, str]:
+        """SHA-256 of each source file (waits for the files to be decoded)."""
+        return {name: job.result() for name, job in self.file_jobs.items()}
 
 
 def candidate_idx_dirs() -> list[Path]:
@@ -60,18 +70,21 @@ def resolve_source(spec: str) -> tuple[str, Path | None]:
     raise PipelineError(f"unknown source {spec!r}: use auto, tfds or idx:DIR")
 
 
-def load_idx_dir(directory: Path) -> SourceData:
-    """Read and validate the four gzipped IDX files of `directory`."""
+def load_idx_dir(directory: Path, pool: Executor) -> SourceData:
+    """Start decompressing the four gzipped IDX files of `directory` on `pool`; return
+    once the labels and image headers are in and valid, while image rows keep arriving."""
     if not directory.is_dir():
         raise PipelineError(f"{directory}: source directory not found")
-    splits, hashes = {}, {}
-    for split in SPLITS:
+    names = [name for split in SPLITS for name in reversed(IDX_FILES[split])]  # labels first
+    arrays = {name: ProgressiveArray() for name in names}
+    jobs = {name: pool.submit(inflate_idx_gz, directory / name, arrays[name]) for name in names}
+    splits = {}
+    for split in SPLITS:  # in file order, so that the first bad file is the one reported
         image_name, label_name = IDX_FILES[split]
-        images, hashes[image_name] = read_idx_gz(directory / image_name)
-        labels, hashes[label_name] = read_idx_gz(directory / label_name)
+        images, labels = arrays[image_name], arrays[label_name].rows()
         validate_split(images, labels, f"{directory}/{split}")
         splits[split] = (images, labels)
-    return SourceData("idx", str(directory), splits, hashes)
+    return SourceData("idx", str(directory), splits, jobs)
 
 
 def load_tfds(data_dir: str | None = None) -> SourceData:
@@ -79,18 +92,26 @@ def load_tfds(data_dir: str | None = None) -> SourceData:
     try:
         import tensorflow_datasets as tfds
     except ImportError as exc:  # pragma: no cover - the train extra brings it
-        raise PipelineError("the tfds source needs tensorflow-datasets (pip install '.[train]')") from exc
+        raise PipelineError(
+            "the tfds source needs tensorflow-datasets (pip install '.[train]')"
+        ) from exc
     splits = {}
     try:
         builder = tfds.builder("fashion_mnist", data_dir=data_dir)
         builder.download_and_prepare()
         for split in SPLITS:
             # Fixed-size batches: batch_size=-1 aborts TensorFlow under tfds' mock data.
-            batches = list(tfds.as_numpy(builder.as_dataset(split=split, batch_size=TFDS_BATCH, shuffle_files=False)))
-            images = np.concatenate([b["image"] for b in batches]).astype(np.uint8).reshape(-1, 28, 28)
+            batches = list(
+                tfds.as_numpy(
+                    builder.as_dataset(split=split, batch_size=TFDS_BATCH, shuffle_files=False)
+                )
+            )
+            images = (
+                np.concatenate([b["image"] for b in batches]).astype(np.uint8).reshape(-1, 28, 28)
+            )
             labels = np.concatenate([b["label"] for b in batches]).astype(np.uint8)
             validate_split(images, labels, f"tfds fashion_mnist/{split}")
-            splits[split] = (images, labels)
+            splits[split] = (ProgressiveArray.complete(images), labels)
     except PipelineError:
         raise
     except Exception as exc:  # network and dataset errors come in many types
@@ -98,6 +119,7 @@ def load_tfds(data_dir: str | None = None) -> SourceData:
     return SourceData("tfds", f"tfds:fashion_mnist:{builder.version}", splits)
 
 
-def load_source(spec: str) -> SourceData:
+def load_source(spec: str, pool: Executor) -> SourceData:
+    """Open the source `spec` names; IDX files are decompressed on `pool`."""
     kind, directory = resolve_source(spec)
-    return load_idx_dir(directory) if kind == "idx" else load_tfds()
+    return load_idx_dir(directory, pool) if kind == "idx" else load_tfds()

@@ -9,6 +9,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.ingest import content_sha256, ingest, read_split
+from pipeline.progressive import ProgressiveArray
 from pipeline.schema import IDX_FILES, MANIFEST_FILE
 from tests.helpers import (
     REAL_DATA_DIR,
@@ -89,8 +90,9 @@ def test_content_hash_ignores_file_layout(tmp_path):
     a = ingest(config_for(source, limit=10, rows_per_file=3), tmp_path / "a").manifest
     b = ingest(config_for(source, limit=10, rows_per_file=100), tmp_path / "b").manifest
     assert a["content_sha256"] == b["content_sha256"]
+    decoded = {"train": synthetic_split(10, 0), "test": synthetic_split(2, 1)}
     assert a["content_sha256"] == content_sha256(
-        {"train": synthetic_split(10, 0), "test": synthetic_split(2, 1)}
+        {split: (ProgressiveArray.complete(images), labels) for split, (images, labels) in decoded.items()}
     )
 
 
@@ -107,9 +109,29 @@ def corrupt_truncated_gzip(directory):
     return path.name, "corrupt or truncated gzip"
 
 
+def corrupt_missing_trailer(directory):
+    path = directory / IDX_FILES["train"][0]
+    path.write_bytes(path.read_bytes()[:-8])  # every pixel is there, the CRC and length are not
+    return path.name, "corrupt or truncated gzip"
+
+
 def corrupt_not_gzip(directory):
     path = directory / IDX_FILES["test"][1]
     path.write_bytes(b"this is not gzip at all")
+    return path.name, "corrupt or truncated gzip"
+
+
+def corrupt_checksum(directory):
+    path = directory / IDX_FILES["train"][0]
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 0xFF  # the gzip trailer's CRC-32
+    path.write_bytes(bytes(data))
+    return path.name, "corrupt or truncated gzip"
+
+
+def corrupt_trailing_data(directory):
+    path = directory / IDX_FILES["test"][0]
+    path.write_bytes(path.read_bytes() + b"garbage")
     return path.name, "corrupt or truncated gzip"
 
 
@@ -155,7 +177,10 @@ def corrupt_image_dims(directory):
     "corrupt",
     [
         corrupt_truncated_gzip,
+        corrupt_missing_trailer,
         corrupt_not_gzip,
+        corrupt_checksum,
+        corrupt_trailing_data,
         corrupt_magic,
         corrupt_count_mismatch,
         corrupt_payload_length,
