@@ -34,10 +34,9 @@ def main() -> None:
 
     from deploy import Generator
     from pipeline.model_store import load_model
-    from vae import probability_decoder
 
     generator = Generator(args.artifact, providers="cpu")
-    keras_model = probability_decoder(load_model(args.model)[0].decoder)
+    keras_model = load_model(args.model)[0].generator()
     graph = tf.function(lambda z: keras_model(z, training=False), reduce_retracing=True)
     rng = np.random.default_rng(0)
     results = {}

@@ -26,6 +26,7 @@ else:  # pragma: no cover
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 PRESETS = ("default", "seed")
+CONTEXTS = ("none", "above", "rows")  # vae.config.CONTEXTS, without importing Keras here
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -61,6 +62,7 @@ class ModelConfig:
     convs_per_stage: int | None = None
     dense_units: int | None = None
     activation: str | None = None
+    context: str | None = None  # pixel context from the rows above: none, above, rows
     beta: float = 1.0  # weight of the KL term; 1.0 gives the true ELBO
 
     def __post_init__(self) -> None:
@@ -78,13 +80,14 @@ class ModelConfig:
         )
         _check(self.dense_units is None or self.dense_units >= 1, "model.dense_units", "must be >= 1")
         _check(self.beta > 0, "model.beta", "must be > 0")
+        _check(self.context is None or self.context in CONTEXTS, "model.context", f"must be one of {list(CONTEXTS)}")
 
     def architecture(self) -> dict[str, Any]:
         """The preset's architecture with this section's overrides applied (a `VAEConfig` dict)."""
         from vae.config import preset
 
         base = dataclasses.asdict(preset(self.preset))
-        for name in ("latent_dim", "filters", "convs_per_stage", "dense_units", "activation"):
+        for name in ("latent_dim", "filters", "convs_per_stage", "dense_units", "activation", "context"):
             value = getattr(self, name)
             if value is not None:
                 base[name] = value
@@ -96,10 +99,13 @@ class ModelConfig:
 class TrainConfig:
     """Data-parallel training with Ray Train."""
 
-    epochs: int = 25  # the default preset: about 14 minutes with 2 workers on 2 cores
+    epochs: int = 25  # the default preset: about 11 minutes with 2 workers on 2 cores
     batch_size: int = 128  # global batch: summed over all workers
     learning_rate: float = 5e-3
     lr_schedule: str = "cosine"  # "constant" or "cosine" (decay to 5% over the run)
+    # Training-only floor on each latent dimension's batch-mean KL (nats), "free bits";
+    # 0 trains on the plain ELBO. See vae.objective.free_bits_kl and the README.
+    free_bits: float = 0.35
     num_workers: int = 2
     cpus_per_worker: int = 1
     use_gpu: bool = False
@@ -114,6 +120,7 @@ class TrainConfig:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
+        _check(self.free_bits >= 0, "train.free_bits", "must be >= 0")
         _check(
             self.lr_schedule in ("constant", "cosine"),
             "train.lr_schedule",
@@ -152,7 +159,10 @@ class ExportConfig:
     """ONNX export and its verification against Keras."""
 
     opset: int = 17
-    tolerance: float = 1e-5  # max |onnxruntime - keras| allowed
+    # max |onnxruntime - keras| allowed (relative beyond unit scale). The default preset's
+    # decoder fills 28 rows, each from the one above, which amplifies float differences
+    # between the runtimes about 600x (6e-5 measured on the default model).
+    tolerance: float = 1e-3
     verify_samples: int = 1000
 
     def __post_init__(self) -> None:

@@ -89,13 +89,13 @@ def score_batch(model, batch: dict[str, np.ndarray], iwae_k: int, seed: int) -> 
     latent = model.config.latent_dim
     z_mean, z_log_var = (np.asarray(t) for t in model.encoder(images))
     eps = example_noise(ids, seed, (latent,))
-    logits = model.decoder(reparameterize(z_mean, z_log_var, eps))
+    logits = model.logits(reparameterize(z_mean, z_log_var, eps), images)
     loss, reconstruction, kl = (np.asarray(t) for t in neg_elbo(images, logits, z_mean, z_log_var))
     # IWAE noise per example: (N, K, L) -> (K, N, L) as iwae_bound draws it.
     iwae_eps = np.transpose(example_noise(ids, seed + 1, (iwae_k, latent)), (1, 0, 2))
 
-    def decode(z):
-        return model.decoder(z)
+    def decode(z):  # (K*N, L), K-major: each image repeated K times as the pixel context
+        return model.logits(z, ops.tile(images, (iwae_k, 1, 1, 1)))
 
     bound = iwae_bound(images, z_mean, z_log_var, decode, k=iwae_k, eps=ops.convert_to_tensor(iwae_eps))
     return {

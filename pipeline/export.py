@@ -65,10 +65,8 @@ def onnx_models(model, opset: int):
     """Build the decoder and encoder ONNX models from a trained VAE."""
     import tensorflow as tf
 
-    from vae import probability_decoder
-
     latent = model.config.latent_dim
-    generator = probability_decoder(model.decoder)
+    generator = model.generator()
     encoder = model.encoder
 
     @tf.function
@@ -212,10 +210,17 @@ def artifact_metadata(model, info, summary, evaluation) -> dict[str, str]:
 
 def model_card(model, metadata, checks, evaluation, export_config) -> dict[str, Any]:
     latent = model.config.latent_dim
+    context = (
+        ""
+        if model.config.context == "none"
+        else f" Each pixel's probability also depends on the pixels above it (context {model.config.context!r}): "
+        "the decoder fills the image row by row, inside the ONNX graph."
+    )
     return {
         "name": "fashion-mnist-vae",
         "description": "A convolutional variational autoencoder trained on Fashion-MNIST; the decoder "
-        "turns latent vectors into 28x28 greyscale images, the encoder maps images to latent Gaussians.",
+        "turns latent vectors into 28x28 greyscale images, the encoder maps images to latent Gaussians."
+        + context,
         "files": {
             DECODER_ONNX: {
                 "inputs": {"z": {"shape": ["batch", latent], "dtype": "float32"}},

@@ -91,10 +91,9 @@ def training_curves(path: Path, train_dir: Path) -> str | None:
 def write_plots(out: Path, train_dir: Path, test_images: np.ndarray, scores: dict, seed: int) -> list[str]:
     """Write every figure into `out`; returns the file names."""
     from pipeline.model_store import load_model
-    from vae import probability_decoder
 
     model, _ = load_model(train_dir)
-    generator = probability_decoder(model.decoder)
+    generator = model.generator()
     latent = model.config.latent_dim
     rng = np.random.default_rng(seed)
     names = [latent_scatter(out / "latent_scatter.png", scores["z_mean"], scores["label"])]

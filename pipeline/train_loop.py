@@ -105,7 +105,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     import ray.train
     import tensorflow as tf
 
-    from vae import VAEConfig, build_vae, get_state, set_state
+    from vae import VAEConfig, build_vae, free_bits_kl, get_state, neg_elbo, set_state
 
     config = Config.from_dict(loop_config["config"])
     progress = loop_config.get("progress")
@@ -125,6 +125,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     global_batch = batch * world
     steps_per_epoch = (loop_config["train_rows"] // world) // batch
     architecture = VAEConfig.from_dict(config.model.architecture())
+    free_bits = config.train.free_bits
     with strategy.scope():
         model = build_vae(architecture, seed=config.seed)
         optimizer = keras.optimizers.Adam(learning_rate_schedule(config, steps_per_epoch))
@@ -155,8 +156,13 @@ def train_func(loop_config: dict[str, Any]) -> None:
             x = tf.cast(images, tf.float32)[..., None] / 255.0
             eps = tf.random.stateless_normal((batch, architecture.latent_dim), seed=noise_seed)
             with tf.GradientTape() as tape:
-                loss, reconstruction, kl = model.losses_per_example(x, training=True, eps=eps)
-                scaled = tf.reduce_sum(loss) / global_batch
+                z_mean, z_log_var, logits = model(x, training=True, eps=eps)
+                loss, reconstruction, kl = neg_elbo(x, logits, z_mean, z_log_var, beta=architecture.beta)
+                if free_bits > 0:  # the objective; the metrics below stay the true ELBO
+                    kl_term = batch * free_bits_kl(z_mean, z_log_var, free_bits)
+                    scaled = (tf.reduce_sum(reconstruction) + architecture.beta * kl_term) / global_batch
+                else:
+                    scaled = tf.reduce_sum(loss) / global_batch
                 if config.train.precision == "mixed_float16":
                     scaled = optimizer.scale_loss(scaled)
             gradients = tape.gradient(scaled, model.trainable_variables)

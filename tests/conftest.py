@@ -34,7 +34,8 @@ def small_dataset(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, small_dataset, ray_local):
-    """A tiny model trained by the real train stage with 2 workers (3 epochs)."""
+    """A tiny model trained by the real train stage with 2 workers (3 epochs), with the
+    default preset's pixel context so that evaluate, export and deploy run through it."""
     from pipeline.config import load_config
     from pipeline.train import train
 
@@ -42,6 +43,7 @@ def trained_run(tmp_path_factory, small_dataset, ray_local):
         overrides=[
             "model.preset=seed",
             "model.latent_dim=4",
+            "model.context=above",
             "train.epochs=3",
             "train.batch_size=64",
             "train.num_workers=2",

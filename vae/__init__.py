@@ -4,12 +4,22 @@ Pure model code: no Ray, no file paths, no command line.
 """
 
 from vae.config import VAEConfig, preset
-from vae.model import VAE, Sampling, build_decoder, build_encoder, build_vae, probability_decoder
+from vae.model import (
+    VAE,
+    ContextFill,
+    Sampling,
+    build_decoder,
+    build_encoder,
+    build_vae,
+    probability_decoder,
+)
 from vae.objective import (
     bernoulli_log_likelihood,
+    free_bits_kl,
     gaussian_log_density,
     iwae_bound,
     kl_divergence,
+    kl_per_dimension,
     neg_elbo,
     reparameterize,
 )
@@ -17,6 +27,7 @@ from vae.state import get_state, set_state
 
 __all__ = [
     "VAE",
+    "ContextFill",
     "Sampling",
     "VAEConfig",
     "bernoulli_log_likelihood",
@@ -26,7 +37,9 @@ __all__ = [
     "gaussian_log_density",
     "get_state",
     "iwae_bound",
+    "free_bits_kl",
     "kl_divergence",
+    "kl_per_dimension",
     "neg_elbo",
     "preset",
     "probability_decoder",

@@ -6,6 +6,7 @@ import keras
 from keras import layers, ops
 
 from vae.config import VAEConfig
+from vae.context import context_logits, context_offsets, fill_rows
 from vae.objective import neg_elbo, reparameterize
 
 
@@ -47,8 +48,25 @@ def build_encoder(config: VAEConfig) -> keras.Model:
     return keras.Model(images, [z_mean, z_log_var], name="encoder")
 
 
+@keras.saving.register_keras_serializable(package="vae")
+class ContextFill(layers.Layer):
+    """Decoder output -> pixel probabilities, row by row when there is a pixel context."""
+
+    def __init__(self, context: str = "none", **kwargs):
+        super().__init__(**kwargs)
+        self.context = context
+        self.offsets = context_offsets(context)
+
+    def call(self, decoded):
+        return fill_rows(decoded, self.offsets)
+
+    def get_config(self):
+        return {**super().get_config(), "context": self.context}
+
+
 def build_decoder(config: VAEConfig) -> keras.Model:
-    """z (N, L) -> Bernoulli logits (N, H, W, C), float32."""
+    """z (N, L) -> Bernoulli logits (N, H, W, C), float32; with a pixel context, base
+    logits and the context weights (N, H, W, 1 + K)."""
     height, width, channels = config.image_shape
     z = keras.Input(shape=(config.latent_dim,), name="z")
     base = (height // 4, width // 4, config.filters[-1])
@@ -60,14 +78,16 @@ def build_decoder(config: VAEConfig) -> keras.Model:
         )(x)
         for _ in range(config.convs_per_stage - 1):
             x = layers.Conv2D(filters, 3, padding="same", activation=config.activation)(x)
-    logits = layers.Conv2DTranspose(channels, 3, padding="same", name="logits", dtype="float32")(x)
+    outputs = channels + len(context_offsets(config.context))
+    logits = layers.Conv2DTranspose(outputs, 3, padding="same", name="logits", dtype="float32")(x)
     return keras.Model(z, logits, name="decoder")
 
 
-def probability_decoder(decoder: keras.Model) -> keras.Model:
-    """Wrap a logits decoder into z (N, L) -> pixel probabilities (N, H, W, C) in [0, 1]."""
+def probability_decoder(decoder: keras.Model, context: str = "none") -> keras.Model:
+    """Wrap a decoder into z (N, L) -> pixel probabilities (N, H, W, C) in [0, 1]
+    (generated row by row when the decoder has a pixel `context`)."""
     z = keras.Input(shape=decoder.input_shape[1:], name="z")
-    image = layers.Activation("sigmoid", name="image", dtype="float32")(decoder(z))
+    image = ContextFill(context, name="image", dtype="float32")(decoder(z))
     return keras.Model(z, image, name="generator")
 
 
@@ -92,8 +112,16 @@ class VAE(keras.Model):
             z = self.sampling([z_mean, z_log_var])
         else:
             z = reparameterize(z_mean, z_log_var, eps)
-        logits = self.decoder(z, training=training)
-        return z_mean, z_log_var, logits
+        return z_mean, z_log_var, self.logits(z, images, training=training)
+
+    def logits(self, z, images, training: bool = False):
+        """Bernoulli logits (N, H, W, C) of `images` given latents z (N, L); with a pixel
+        context each pixel also sees the true pixels above it."""
+        return context_logits(self.decoder(z, training=training), images, context_offsets(self.config.context))
+
+    def generator(self) -> keras.Model:
+        """z (N, L) -> pixel probabilities (N, H, W, C): what export ships as the decoder."""
+        return probability_decoder(self.decoder, self.config.context)
 
     def losses_per_example(self, images, training: bool = False, eps=None):
         """(loss, reconstruction, kl) per example, each (N,), in nats."""

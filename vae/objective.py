@@ -29,9 +29,25 @@ def bernoulli_log_likelihood(images, logits):
     return ops.sum(ops.reshape(per_pixel, (ops.shape(per_pixel)[0], -1)), axis=-1)
 
 
+def kl_per_dimension(z_mean, z_log_var):
+    """Analytic KL(N(mean, exp(log_var)) || N(0, 1)) of each latent dimension; (N, L)."""
+    return -0.5 * (1.0 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var))
+
+
 def kl_divergence(z_mean, z_log_var):
     """Analytic KL(N(mean, exp(log_var)) || N(0, I)); shapes (N, L) -> (N,)."""
-    return -0.5 * ops.sum(1.0 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var), axis=-1)
+    return ops.sum(kl_per_dimension(z_mean, z_log_var), axis=-1)
+
+
+def free_bits_kl(z_mean, z_log_var, free_bits: float):
+    """A training-only KL term (Kingma et al. 2016, "free bits"): each latent dimension's
+    KL, averaged over the batch, counts as at least `free_bits` nats; a scalar, nats per
+    example. Below that a dimension gets no gradient towards the prior, so a decoder with
+    a pixel context cannot switch the latent off. Equals the mean KL when every dimension
+    is above `free_bits`; the ELBO itself is always reported with the true KL.
+    """
+    per_dimension = ops.mean(kl_per_dimension(z_mean, z_log_var), axis=0)
+    return ops.sum(ops.maximum(per_dimension, free_bits))
 
 
 def neg_elbo(images, logits, z_mean, z_log_var, beta: float = 1.0):

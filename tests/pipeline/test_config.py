@@ -41,6 +41,7 @@ def test_yaml_file_is_read(tmp_path):
         ("train.batch_size=129", "train.batch_size (129) must be a multiple of train.num_workers"),
         ("train.use_gpu=1", "train.use_gpu must be true or false"),
         ("export.opset=13", "export.opset must be >= 17"),
+        ("model.context=left", "model.context must be one of"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -66,6 +67,15 @@ def test_model_section_resolves_preset_with_overrides():
     assert architecture["latent_dim"] == 8
     assert tuple(architecture["filters"]) == (32, 64)
     assert architecture["dense_units"] == 16
+    assert architecture["context"] == "none"
+    assert load_config(overrides=["model.preset=seed", "model.context=above"]).model.architecture()["context"] == "above"
+
+
+def test_context_names_match_the_model_package():
+    from pipeline.config import CONTEXTS as PIPELINE_CONTEXTS
+    from vae.config import CONTEXTS
+
+    assert tuple(CONTEXTS) == PIPELINE_CONTEXTS
 
 
 def test_config_dict_is_json_ready():

@@ -86,3 +86,22 @@ def test_iwae_bound_tightens_with_more_samples():
 def test_iwae_rejects_bad_k():
     with pytest.raises(ValueError, match="k must be >= 1"):
         iwae_bound(np.zeros((1, 28, 28, 1)), np.zeros((1, 2)), np.zeros((1, 2)), fixed_decoder(2), k=0)
+
+
+def test_free_bits_hold_each_dimension_at_its_floor_without_gradient():
+    import tensorflow as tf
+
+    from vae import free_bits_kl, kl_divergence
+
+    rng = np.random.default_rng(0)
+    # Dimension 0 carries ~2 nats, dimension 1 almost none.
+    mean = tf.Variable(np.stack([rng.normal(0, 2, 64), rng.normal(0, 0.01, 64)], axis=1).astype(np.float32))
+    log_var = tf.Variable(np.full((64, 2), -1.0, np.float32) * np.array([1.0, 0.0], np.float32))
+    with tf.GradientTape() as tape:
+        term = free_bits_kl(mean, log_var, 0.5)
+    per_dim = np.asarray(kl_divergence(mean[:, :1], log_var[:, :1])).mean()
+    np.testing.assert_allclose(float(term), per_dim + 0.5, rtol=1e-5)
+    grad_mean = tape.gradient(term, mean).numpy()
+    assert np.all(grad_mean[:, 1] == 0) and np.any(grad_mean[:, 0] != 0)
+    # With no floor it is the plain mean KL.
+    np.testing.assert_allclose(float(free_bits_kl(mean, log_var, 0.0)), np.asarray(kl_divergence(mean, log_var)).mean(), rtol=1e-5)
