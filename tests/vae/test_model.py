@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from vae import VAEConfig, build_vae, get_state, preset, probability_decoder, set_state
+from vae import VAEConfig, build_vae, get_state, preset, set_state
 
 
 def test_seed_preset_matches_keras_tutorial_shapes_and_parameters():
@@ -22,7 +22,7 @@ def test_output_shapes(name):
     z_mean, z_log_var, logits = model(np.zeros((3, 28, 28, 1), np.float32))
     assert z_mean.shape == (3, config.latent_dim) and z_log_var.shape == (3, config.latent_dim)
     assert logits.shape == (3, 28, 28, 1)
-    images = probability_decoder(model.decoder)(np.zeros((2, config.latent_dim), np.float32))
+    images = model.generator()(np.zeros((2, config.latent_dim), np.float32))
     assert images.shape == (2, 28, 28, 1)
     assert 0.0 <= float(np.min(images)) and float(np.max(images)) <= 1.0
 
