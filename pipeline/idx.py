@@ -57,7 +57,7 @@ def _inflate(path: Path, target: ProgressiveArray) -> str:
     if not path.is_file():
         raise PipelineError(f"{name}: file not found")
     raw = path.read_bytes()
-    head, flat, filled, total, row_bytes = b"", None, 0, 0, 1
+    head, flat, total, row_bytes = b"", None, 0, 1  # total: payload bytes decoded so far
     try:
         for chunk in _gunzip_chunks(raw):
             if flat is None:  # still collecting the header
@@ -71,10 +71,9 @@ def _inflate(path: Path, target: ProgressiveArray) -> str:
                 target.start(flat.reshape(dims))
                 chunk = head[header:]
             total += len(chunk)
-            if total <= len(flat):
-                flat[filled : filled + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
-                filled += len(chunk)
-                target.advance(filled // row_bytes)
+            if total <= len(flat):  # beyond it the file is too long: reported below
+                flat[total - len(chunk) : total] = np.frombuffer(chunk, dtype=np.uint8)
+                target.advance(total // row_bytes)
     except (zlib.error, EOFError) as exc:
         raise PipelineError(f"{name}: corrupt or truncated gzip ({exc})") from exc
     if flat is None:
