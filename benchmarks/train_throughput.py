@@ -1,11 +1,13 @@
 """Train-stage throughput, all in one run on the same data and the `seed` preset:
 (a) 1 Ray Train worker vs a plain single-process Keras `fit` (same batch size), both on
     the whole machine, and both held to one core (TensorFlow's intra- and inter-op pools);
-(b) 2 workers x 1 CPU vs 1 worker x 1 CPU (scaling efficiency = ratio / 2 of images/s).
+(b) 2 workers x 1 CPU vs 1 worker x 1 CPU (scaling efficiency = ratio / 2 of images/s),
+    at the batch size and at each `--scaling-batches` size.
 
     .venv/bin/python benchmarks/train_throughput.py [--rows 20000] [--epochs 6]
 Targets: (a) >= 1.0x; (b) efficiency >= 0.85. Each figure is the median over epochs 2 to N
-(epoch 1 traces the step and fills the worker's in-memory shard).
+(epoch 1 traces the step and fills the worker's in-memory shard). The stage runs with its
+default `train.steps_per_execution`; Keras `fit` is also timed with the same setting.
 """
 
 import argparse
@@ -35,7 +37,7 @@ def stage_images_per_s(data, workers, cpus, epochs, batch, root):
     return statistics.median(r["images_per_s"] for r in rows[1:])
 
 
-def keras_fit_images_per_s(data, threads, epochs, batch):
+def keras_fit_images_per_s(data, threads, epochs, batch, steps_per_execution=1):
     """Plain Keras `fit` in this process; `threads` caps both TensorFlow pools (0: its defaults)."""
     import keras
     import tensorflow as tf
@@ -66,7 +68,7 @@ def keras_fit_images_per_s(data, threads, epochs, batch):
             return {"loss": loss}
 
     fit = Fit(model)
-    fit.compile(optimizer=keras.optimizers.Adam(1e-3))
+    fit.compile(optimizer=keras.optimizers.Adam(1e-3), steps_per_execution=steps_per_execution)
     times = []
 
     class Timer(keras.callbacks.Callback):
@@ -81,12 +83,13 @@ def keras_fit_images_per_s(data, threads, epochs, batch):
     return statistics.median(steps * batch / t for t in times[1:])
 
 
-def keras_fit_in_subprocess(data, threads, epochs, batch) -> float:
+def keras_fit_in_subprocess(data, threads, epochs, batch, steps_per_execution=1) -> float:
     """TensorFlow's thread pools are fixed once it starts: one process per setting."""
     here = str(Path(__file__).resolve().parent)
+    call = f"keras_fit_images_per_s({str(data)!r}, {threads}, {epochs}, {batch}, {steps_per_execution})"
     code = (
         f"import json, sys; sys.path.insert(0, {here!r}); from train_throughput import keras_fit_images_per_s; "
-        f"print(json.dumps(keras_fit_images_per_s({str(data)!r}, {threads}, {epochs}, {batch})))"
+        f"print(json.dumps({call}))"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
@@ -97,34 +100,49 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20000)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--scaling-batches", default="512", help="more global batches for (b), comma-separated")
     args = parser.parse_args()
     import ray
     import ray.data  # noqa: F401  (it sets up its loggers on import; quieted below)
 
-    from pipeline.config import load_config
+    from pipeline.config import TrainConfig, load_config
     from pipeline.ingest import ingest
     from pipeline.ray_cluster import quiet_ray_loggers
 
     cores = os.cpu_count() or 1
+    spe = TrainConfig().steps_per_execution
+    scaling_batches = [args.batch, *(int(b) for b in args.scaling_batches.split(",") if b and int(b) != args.batch)]
     with tempfile.TemporaryDirectory() as root:
         data = ingest(load_config(overrides=[f"data.limit={args.rows}"]), Path(root) / "data").out
         quiet_ray_loggers()
         ray.init(num_cpus=cores + 1, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-        one = stage_images_per_s(data, 1, 1, args.epochs, args.batch, root)
+        scaling = {}
+        for batch in scaling_batches:
+            scaling[batch] = (
+                stage_images_per_s(data, 1, 1, args.epochs, batch, root),
+                stage_images_per_s(data, 2, 1, args.epochs, batch, root),
+            )
+        one, two = scaling[args.batch]
         one_all = stage_images_per_s(data, 1, cores, args.epochs, args.batch, root)
-        two = stage_images_per_s(data, 2, 1, args.epochs, args.batch, root)
         ray.shutdown()
         fit_one = keras_fit_in_subprocess(data, 1, args.epochs, args.batch)
         fit_all = keras_fit_in_subprocess(data, 0, args.epochs, args.batch)
+        fit_one_spe = keras_fit_in_subprocess(data, 1, args.epochs, args.batch, spe)
     print(f"seed preset, {args.rows} rows, batch {args.batch}, median of epochs 2-{args.epochs} (images/s):")
     print(f"  Keras fit, TensorFlow's default threads ({cores} cores): {fit_all:8.0f}")
     print(f"  stage, 1 worker x {cores} CPUs:                    {one_all:8.0f}")
     print(f"  Keras fit, 1 thread (intra- and inter-op):     {fit_one:8.0f}")
+    print(f"  Keras fit, 1 thread, steps_per_execution={spe}:   {fit_one_spe:8.0f}")
     print(f"  stage, 1 worker x 1 CPU:                       {one:8.0f}")
     print(f"  stage, 2 workers x 1 CPU:                      {two:8.0f}")
     print(f"(a) stage 1 worker / Keras fit, whole machine each: {one_all / fit_all:.2f}x (target >= 1.0x)")
     print(f"    stage 1 worker / Keras fit, 1 core each:        {one / fit_one:.2f}x")
-    print(f"(b) scaling efficiency 2x1 vs 1x1: {two / (2 * one):.2f} (target >= 0.85)")
+    print(f"    the same, Keras fit with steps_per_execution={spe}: {one / fit_one_spe:.2f}x")
+    for batch, (one_b, two_b) in scaling.items():
+        print(
+            f"(b) scaling efficiency 2x1 vs 1x1, global batch {batch}: {two_b / (2 * one_b):.2f}"
+            f" ({two_b:.0f} vs {one_b:.0f} images/s; target >= 0.85)"
+        )
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ class ModelConfig:
 class TrainConfig:
     """Data-parallel training with Ray Train."""
 
-    epochs: int = 25  # the default preset: about 11 minutes with 2 workers on 2 cores
+    epochs: int = 25  # the default preset: about 9 minutes with 2 workers on 2 cores
     batch_size: int = 128  # global batch: summed over all workers
     learning_rate: float = 5e-3
     lr_schedule: str = "cosine"  # "constant" or "cosine" (decay to 5% over the run)
@@ -108,6 +108,9 @@ class TrainConfig:
     free_bits: float = 0.35
     num_workers: int = 2
     cpus_per_worker: int = 1
+    # Training steps run inside one TensorFlow call (like Keras's steps_per_execution):
+    # fewer Python round trips per step; the steps themselves are unchanged.
+    steps_per_execution: int = 8
     use_gpu: bool = False
     precision: str = "float32"
     address: str | None = None  # Ray cluster address; None: a local Ray
@@ -133,6 +136,7 @@ class TrainConfig:
             f"({self.batch_size}) must be a multiple of train.num_workers ({self.num_workers})",
         )
         _check(self.cpus_per_worker >= 1, "train.cpus_per_worker", "must be >= 1")
+        _check(self.steps_per_execution >= 1, "train.steps_per_execution", "must be >= 1")
         _check(self.precision in PRECISIONS, "train.precision", f"must be one of {PRECISIONS}")
         _check(self.checkpoints_to_keep >= 1, "train.checkpoints_to_keep", "must be >= 1")
         _check(self.max_failures >= 0, "train.max_failures", "must be >= 0")

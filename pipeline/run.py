@@ -60,7 +60,7 @@ STAGE_SPECS = {
 }
 UPSTREAM = {"ingest": (), "train": ("ingest",), "evaluate": ("ingest", "train"), "export": ("ingest", "train", "evaluate")}
 # Settings that change where or how fast a stage runs, not what it produces.
-NOT_INPUTS = {"train": ("address", "storage_path", "fault_at_epoch", "max_failures", "checkpoints_to_keep")}
+NOT_INPUTS = {"train": ("address", "storage_path", "steps_per_execution", "fault_at_epoch", "max_failures", "checkpoints_to_keep")}
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,11 @@ def fit(config, data_dir, manifest, storage, resume_from, out, verbose):
 
     from pipeline.train_loop import train_func
 
-    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = verbose
+    # Blocks in file order, not in the order their read tasks finish, so the seeded
+    # shuffles give the same epochs on every run.
+    data_context.execution_options.preserve_order = True
     # The training split is small: read it once into the object store, so epochs
     # stream from memory instead of re-reading Parquet.
     dataset = ray.data.read_parquet(str(Path(data_dir).resolve() / "train"), columns=["image"]).materialize()

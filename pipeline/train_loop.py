@@ -9,6 +9,7 @@ the strategy scope (it all-reduces the gradients across workers).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import tempfile
 import time
@@ -147,30 +148,38 @@ def train_func(loop_config: dict[str, Any]) -> None:
     if rank == 0 and progress is not None:
         progress.put({"event": "start", "epoch": start_epoch, "workers": world})
 
-    image_spec = tf.TensorSpec((batch, *IMAGE_SHAPE), tf.uint8)
+    # A chunk of up to `steps_per_execution` batches runs as one TensorFlow call.
+    chunk_spec = tf.TensorSpec((None, batch, *IMAGE_SHAPE), tf.uint8)
 
-    @tf.function(input_signature=[image_spec, tf.TensorSpec((2,), tf.int32)])
-    def train_step(images, noise_seed):
-        def replica_step(images):
-            # Pixels scaled to [0, 1] on the fly; (batch, 28, 28) -> (batch, 28, 28, 1).
-            x = tf.cast(images, tf.float32)[..., None] / 255.0
-            eps = tf.random.stateless_normal((batch, architecture.latent_dim), seed=noise_seed)
-            with tf.GradientTape() as tape:
-                z_mean, z_log_var, logits = model(x, training=True, eps=eps)
-                loss, reconstruction, kl = neg_elbo(x, logits, z_mean, z_log_var, beta=architecture.beta)
-                if free_bits > 0:  # the objective; the metrics below stay the true ELBO
-                    kl_term = batch * free_bits_kl(z_mean, z_log_var, free_bits)
-                    scaled = (tf.reduce_sum(reconstruction) + architecture.beta * kl_term) / global_batch
-                else:
-                    scaled = tf.reduce_sum(loss) / global_batch
-                if config.train.precision == "mixed_float16":
-                    scaled = optimizer.scale_loss(scaled)
-            gradients = tape.gradient(scaled, model.trainable_variables)
-            optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
-            return tf.stack([tf.reduce_sum(loss), tf.reduce_sum(reconstruction), tf.reduce_sum(kl)])
+    def replica_step(images, noise_seed):
+        # Pixels scaled to [0, 1] on the fly; (batch, 28, 28) -> (batch, 28, 28, 1).
+        x = tf.cast(images, tf.float32)[..., None] / 255.0
+        eps = tf.random.stateless_normal((batch, architecture.latent_dim), seed=noise_seed)
+        with tf.GradientTape() as tape:
+            z_mean, z_log_var, logits = model(x, training=True, eps=eps)
+            loss, reconstruction, kl = neg_elbo(x, logits, z_mean, z_log_var, beta=architecture.beta)
+            if free_bits > 0:  # the objective; the metrics below stay the true ELBO
+                kl_term = batch * free_bits_kl(z_mean, z_log_var, free_bits)
+                scaled = (tf.reduce_sum(reconstruction) + architecture.beta * kl_term) / global_batch
+            else:
+                scaled = tf.reduce_sum(loss) / global_batch
+            if config.train.precision == "mixed_float16":
+                scaled = optimizer.scale_loss(scaled)
+        gradients = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        sums = tf.stack([tf.reduce_sum(loss), tf.reduce_sum(reconstruction), tf.reduce_sum(kl)])
+        return tf.cast(sums, tf.float64)
 
-        # This worker's own sums: summed across workers once an epoch, not every step.
-        return strategy.experimental_local_results(strategy.run(replica_step, args=(images,)))[0]
+    @tf.function(input_signature=[chunk_spec, tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.int32)])
+    def train_steps(chunk, epoch, first_step):
+        """One step per batch of `chunk`; returns this worker's (loss, recon, kl) sums,
+        which are summed across workers once an epoch, not every step."""
+        totals = tf.zeros(3, tf.float64)
+        for i in tf.range(tf.shape(chunk)[0]):
+            noise_seed = tf.stack([config.seed * 1_000_003 + epoch, (first_step + i) * world + rank])
+            per_replica = strategy.run(replica_step, args=(chunk[i], noise_seed))
+            totals += strategy.experimental_local_results(per_replica)[0]
+        return totals
 
     @tf.function
     def sum_over_workers(local):
@@ -194,12 +203,13 @@ def train_func(loop_config: dict[str, Any]) -> None:
             batches = cache.epoch_batches(batch, steps_per_epoch, shuffle_seed)
         else:
             batches = streamed_batches(shard, batch, shuffle_seed, cache)
-        for images in batches:
-            if step == steps_per_epoch:
-                continue  # every worker must run the same number of collective steps
-            noise_seed = tf.constant([config.seed * 1_000_003 + epoch, step * world + rank], tf.int32)
-            totals += train_step(tf.constant(images), noise_seed).numpy()
-            step += 1
+        # Every worker must run the same number of collective steps: the first
+        # steps_per_epoch batches train, the rest of a streamed shard is only cached.
+        for chunk in chunked(itertools.islice(batches, steps_per_epoch), config.train.steps_per_execution):
+            totals += train_steps(tf.constant(chunk), tf.constant(epoch), tf.constant(step)).numpy()
+            step += len(chunk)
+        for _ in batches:
+            pass
         cache.seal(min_rows=steps_per_epoch * batch)
         totals = sum_over_workers(tf.constant(totals, tf.float64)).numpy()
         seconds = time.perf_counter() - started
@@ -220,6 +230,18 @@ def train_func(loop_config: dict[str, Any]) -> None:
         report_epoch(model, optimizer, config, epoch, history, metrics, rank, get_state)
         if rank == 0 and progress is not None:
             progress.put({"event": "epoch", **metrics})
+
+
+def chunked(batches, size: int):
+    """Stack consecutive batches into arrays of up to `size` batches."""
+    group = []
+    for images in batches:
+        group.append(images)
+        if len(group) == size:
+            yield np.stack(group)
+            group = []
+    if group:
+        yield np.stack(group)
 
 
 def streamed_batches(shard, batch: int, seed: int, cache: ShardCache):

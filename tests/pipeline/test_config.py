@@ -35,6 +35,7 @@ def test_yaml_file_is_read(tmp_path):
         ("trian.epochs=3", "unknown key trian"),
         ("train.epochs=0", "train.epochs must be >= 1"),
         ("train.epochs=abc", "train.epochs must be an integer"),
+        ("train.steps_per_execution=0", "train.steps_per_execution must be >= 1"),
         ("train.learning_rate=-1", "train.learning_rate must be > 0"),
         ("model.preset=huge", "model.preset must be one of"),
         ("data.source=http://x", "data.source must be"),

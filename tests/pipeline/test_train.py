@@ -42,12 +42,21 @@ def test_final_model_and_summary_are_written(trained_run):
     assert list((out / "tensorboard").iterdir())
 
 
-def test_one_worker_trains(tmp_path, small_dataset, ray_local):
-    config = load_config(overrides=[*TINY, "train.epochs=2", "train.num_workers=1"])
-    result = train(config, small_dataset, tmp_path / "run")
-    rows = history(result.out)
+def test_one_worker_trains_the_same_whatever_the_steps_per_execution(tmp_path, small_dataset, ray_local):
+    # 16 steps an epoch: one step per call, and chunks of 3 with a 1-step remainder.
+    runs = []
+    for steps in (1, 3):
+        config = load_config(
+            overrides=[*TINY, "train.epochs=2", "train.num_workers=1", f"train.steps_per_execution={steps}"]
+        )
+        runs.append(train(config, small_dataset, tmp_path / f"run-{steps}").out)
+    rows = history(runs[0])
     assert [row["workers"] for row in rows] == [1, 1]
     assert rows[-1]["loss"] < rows[0]["loss"]
+    assert [row["loss"] for row in history(runs[1])] == [row["loss"] for row in rows]
+    one, three = (np.load(run / MODEL_DIR / "weights.npz") for run in runs)
+    assert sorted(one.files) == sorted(three.files)
+    assert all(np.array_equal(one[name], three[name]) for name in one.files)
 
 
 def test_crashed_worker_restarts_from_latest_checkpoint(tmp_path, small_dataset, ray_local):
