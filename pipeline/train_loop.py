@@ -26,6 +26,8 @@ SHUFFLE_BUFFER_ROWS = 8192
 # A worker keeps its shard in memory after the first epoch when it is at most this
 # big (all of Fashion-MNIST is 47 MB); later epochs shuffle it fully and skip Ray Data.
 CACHE_LIMIT_BYTES = 2 << 30
+# Test-only fault hook: seconds into the epoch before the worker dies.
+FAULT_DELAY_S = 5.0
 # All gradients go into one all-reduce per step instead of one per variable.
 ALLREDUCE_PACK_BYTES = 64 << 20
 
@@ -89,11 +91,14 @@ def inject_fault_once(run_name: str) -> None:
     """Test-only fault hook: kill this worker process the first time it gets here in a run.
 
     A marker file in the node's temporary directory makes it happen once per run, so
-    the restarted worker group trains on.
+    the restarted worker group trains on. The crash comes FAULT_DELAY_S into the epoch,
+    as a real one would: Ray Train's controller collects the workers' reports (and so
+    registers their checkpoints) every 2 s, and a crash right after a report can lose it.
     """
     marker = Path(tempfile.gettempdir()) / f"vae-pipeline-fault-{run_name}"
     if not marker.exists():
         marker.touch()
+        time.sleep(FAULT_DELAY_S)
         os._exit(17)
 
 
