@@ -2,7 +2,9 @@
 (a) 1 Ray Train worker vs a plain single-process Keras `fit` (same batch size), both on
     the whole machine, and both held to one core (TensorFlow's intra- and inter-op pools);
 (b) 2 workers x 1 CPU vs 1 worker x 1 CPU (scaling efficiency = ratio / 2 of images/s),
-    at the batch size and at each `--scaling-batches` size.
+    at the batch size and at each `--scaling-batches` size; and, as a control, against
+    1 worker x 1 CPU while a one-thread Keras `fit` keeps another core busy: on a 2-core
+    machine 2 x 1 leaves no core for Ray's and gRPC's own threads, 1 x 1 alone does.
 
     .venv/bin/python benchmarks/train_throughput.py [--rows 20000] [--epochs 6]
 Targets: (a) >= 1.0x; (b) efficiency >= 0.85. Each figure is the median over epochs 2 to N
@@ -37,8 +39,9 @@ def stage_images_per_s(data, workers, cpus, epochs, batch, root):
     return statistics.median(r["images_per_s"] for r in rows[1:])
 
 
-def keras_fit_images_per_s(data, threads, epochs, batch, steps_per_execution=1):
-    """Plain Keras `fit` in this process; `threads` caps both TensorFlow pools (0: its defaults)."""
+def keras_fit_images_per_s(data, threads, epochs, batch, steps_per_execution=1, announce=False):
+    """Plain Keras `fit` in this process; `threads` caps both TensorFlow pools (0: its defaults).
+    `announce`: print a line after every epoch (for a caller waiting on it)."""
     import keras
     import tensorflow as tf
 
@@ -77,22 +80,44 @@ def keras_fit_images_per_s(data, threads, epochs, batch, steps_per_execution=1):
 
         def on_epoch_end(self, epoch, logs=None):
             times.append(time.perf_counter() - self.started)
+            if announce:
+                print(f"epoch {epoch + 1}", flush=True)
 
     fit.fit(x, epochs=epochs, batch_size=batch, verbose=0, callbacks=[Timer()], shuffle=True)
     steps = len(x) // batch
     return statistics.median(steps * batch / t for t in times[1:])
 
 
-def keras_fit_in_subprocess(data, threads, epochs, batch, steps_per_execution=1) -> float:
+def keras_fit_command(data, threads, epochs, batch, steps_per_execution=1, announce=False) -> list[str]:
     """TensorFlow's thread pools are fixed once it starts: one process per setting."""
     here = str(Path(__file__).resolve().parent)
-    call = f"keras_fit_images_per_s({str(data)!r}, {threads}, {epochs}, {batch}, {steps_per_execution})"
+    call = f"keras_fit_images_per_s({str(data)!r}, {threads}, {epochs}, {batch}, {steps_per_execution}, {announce})"
     code = (
         f"import json, sys; sys.path.insert(0, {here!r}); from train_throughput import keras_fit_images_per_s; "
         f"print(json.dumps({call}))"
     )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return [sys.executable, "-c", code]
+
+
+def keras_fit_in_subprocess(data, threads, epochs, batch, steps_per_execution=1) -> float:
+    command = keras_fit_command(data, threads, epochs, batch, steps_per_execution)
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
+
+
+def stage_beside_busy_core(data, epochs, batch, root) -> float:
+    """1 worker x 1 CPU while a one-thread Keras `fit` (started first, stopped after)
+    keeps another core busy, as the second worker does in 2 x 1."""
+    busy = subprocess.Popen(
+        keras_fit_command(data, 1, 10**6, batch, announce=True),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        busy.stdout.readline()  # its first epoch is done: it is tracing no more
+        return stage_images_per_s(data, 1, 1, epochs, batch, root)
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 def main() -> None:
@@ -123,6 +148,7 @@ def main() -> None:
                 stage_images_per_s(data, 2, 1, args.epochs, batch, root),
             )
         one, two = scaling[args.batch]
+        one_busy = stage_beside_busy_core(data, args.epochs, args.batch, root)
         one_all = stage_images_per_s(data, 1, cores, args.epochs, args.batch, root)
         ray.shutdown()
         fit_one = keras_fit_in_subprocess(data, 1, args.epochs, args.batch)
@@ -135,6 +161,7 @@ def main() -> None:
     print(f"  Keras fit, 1 thread, steps_per_execution={spe}:   {fit_one_spe:8.0f}")
     print(f"  stage, 1 worker x 1 CPU:                       {one:8.0f}")
     print(f"  stage, 2 workers x 1 CPU:                      {two:8.0f}")
+    print(f"  stage, 1 worker x 1 CPU, another core busy:    {one_busy:8.0f}")
     print(f"(a) stage 1 worker / Keras fit, whole machine each: {one_all / fit_all:.2f}x (target >= 1.0x)")
     print(f"    stage 1 worker / Keras fit, 1 core each:        {one / fit_one:.2f}x")
     print(f"    the same, Keras fit with steps_per_execution={spe}: {one / fit_one_spe:.2f}x")
@@ -143,6 +170,10 @@ def main() -> None:
             f"(b) scaling efficiency 2x1 vs 1x1, global batch {batch}: {two_b / (2 * one_b):.2f}"
             f" ({two_b:.0f} vs {one_b:.0f} images/s; target >= 0.85)"
         )
+    print(
+        f"    control: 2x1 vs 1x1 with another core busy, global batch {args.batch}: {two / (2 * one_busy):.2f}"
+        f" (1x1 itself runs at {one_busy / one:.2f} of its speed with no spare core)"
+    )
 
 
 if __name__ == "__main__":

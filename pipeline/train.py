@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 
 RUN_NAME_PREFIX = "vae"
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
+# The driver blocks on the progress queue; the fit thread's FIT_DONE ends the wait, and
+# the timeout only bounds how long a lost queue goes unnoticed. Each wait is an actor
+# call, so a short poll would keep Ray busy beside the workers.
+PROGRESS_WAIT_S = 10.0
+FIT_DONE = {"event": "done"}
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,11 @@ def fit(config, data_dir, manifest, storage, resume_from, out, verbose):
             outcome["result"] = trainer.fit()
         except BaseException as exc:  # handed to the main thread
             outcome["error"] = exc
+        finally:
+            try:
+                progress.put(FIT_DONE)  # wakes the wait below at once
+            except Exception:  # noqa: BLE001  (Ray gone: the wait's timeout notices)
+                pass
 
     thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
     thread.start()
@@ -173,9 +183,11 @@ def fit(config, data_dir, manifest, storage, resume_from, out, verbose):
     with ProgressLog(out, config.train.epochs, append=resume_from is not None) as logger:
         while thread.is_alive() or not progress.empty():
             try:
-                event = progress.get(timeout=0.5)
+                event = progress.get(timeout=PROGRESS_WAIT_S)
             except queue.Empty:  # ray.util.queue.Empty subclasses it
                 continue
+            if event == FIT_DONE:
+                break
             events.append(event)
             logger.handle(event)
         thread.join()
