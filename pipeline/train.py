@@ -174,7 +174,7 @@ def fit(config, data_dir, manifest, storage, resume_from, out, verbose):
         finally:
             try:
                 progress.put(FIT_DONE)  # wakes the wait below at once
-            except Exception:  # noqa: BLE001  (Ray gone: the wait's timeout notices)
+            except Exception:  # Ray gone: the wait's timeout notices
                 pass
 
     thread = threading.Thread(target=run, name="ray-train-fit", daemon=True)
