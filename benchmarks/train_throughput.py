@@ -45,7 +45,7 @@ def keras_fit_images_per_s(data, threads, epochs, batch, steps_per_execution=1, 
     import keras
     import tensorflow as tf
 
-    from pipeline.ingest import read_split
+    from pipeline.dataset import read_split
     from vae import build_vae, preset
 
     if threads:

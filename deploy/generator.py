@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from deploy.artifact import DECODER_FILE, ENCODER_FILE, verify_checksums
+from deploy.artifact import DECODER_FILE, ENCODER_FILE, ArtifactError, verify_checksums
 
 IMAGE_SHAPE = (28, 28, 1)
 MIN_CHUNK_ROWS = 32  # smaller chunks cost more in thread hand-offs than they gain
+STREAM_BATCH = 1024  # images decoded per call by `sample_batches`: memory stays flat in n
 
 
 def choose_providers(providers: str | Sequence[str] = "auto") -> list[str]:
@@ -82,6 +84,8 @@ class Generator:
         self.latent_dim = int(self._decoder.get_inputs()[0].shape[1])
         self.class_names = json.loads(meta["class_names"]) if "class_names" in meta else None
         self.metadata = dict(meta)
+        # A model with broken (NaN) weights fails here, not in the caller's first batch.
+        self.decode(np.zeros((1, self.latent_dim), np.float32))
 
     def close(self) -> None:
         """Stop the chunk threads (the sessions are freed with the object)."""
@@ -104,19 +108,39 @@ class Generator:
         return [np.concatenate(column) for column in zip(*parts, strict=True)]
 
     def decode(self, z) -> np.ndarray:
-        """Latents (N, latent_dim) -> images (N, 28, 28, 1) float32 in [0, 1]."""
+        """Latents (N, latent_dim) -> images (N, 28, 28, 1) float32 in [0, 1].
+
+        Raises ArtifactError if the model gives NaN or Inf for finite latents (broken
+        weights): a NaN image is never returned.
+        """
         z = _check_batch(z, (self.latent_dim,), "z")
-        return self._run(self._decoder, ["image"], "z", z)[0]
+        return _finite(self._run(self._decoder, ["image"], "z", z), self.artifact_dir, DECODER_FILE)[0]
 
     def sample(self, n: int, seed: int | None = None, temperature: float = 1.0) -> np.ndarray:
         """`n` images decoded from z ~ N(0, temperature^2 I)."""
-        if not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        if not np.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        _check_count(n, "n")
+        _check_temperature(temperature)
         rng = np.random.default_rng(seed)
         z = (rng.standard_normal((int(n), self.latent_dim)) * temperature).astype(np.float32)
         return self.decode(z)
+
+    def sample_batches(
+        self, n: int, seed: int | None = None, temperature: float = 1.0, batch_size: int = STREAM_BATCH
+    ) -> Iterator[np.ndarray]:
+        """The images of `sample(n, seed, temperature)` in batches of up to
+        `batch_size`: the same images, drawn from the same random stream, with memory
+        that does not grow with `n`."""
+        _check_count(n, "n")  # checked here, at the call, not at the first batch
+        _check_count(batch_size, "batch_size")
+        _check_temperature(temperature)
+        return self._sample_stream(int(n), seed, temperature, int(batch_size))
+
+    def _sample_stream(self, n: int, seed, temperature, batch_size: int) -> Iterator[np.ndarray]:
+        rng = np.random.default_rng(seed)
+        for start in range(0, n, batch_size):
+            rows = min(batch_size, n - start)
+            z = (rng.standard_normal((rows, self.latent_dim)) * temperature).astype(np.float32)
+            yield self.decode(z)
 
     def interpolate(self, a, b, steps: int) -> np.ndarray:
         """Images along the straight line from latent `a` to latent `b` (both (latent_dim,)), ends included."""
@@ -134,13 +158,39 @@ class Generator:
         if self._encoder is None:
             raise ValueError(f"{self.artifact_dir} has no {ENCODER_FILE}")
         images = np.asarray(images)
+        if images.shape in (IMAGE_SHAPE, IMAGE_SHAPE[:2]):
+            raise ValueError(
+                f"images must be a batch of shape (N, 28, 28, 1) or (N, 28, 28), got one image of shape "
+                f"{images.shape}: pass images[None]"
+            )
         if images.ndim == 3:
             images = images[..., None]
         images = _check_batch(images, IMAGE_SHAPE, "images")
         if images.min() < 0.0 or images.max() > 1.0:
             raise ValueError("images must be scaled to [0, 1] (divide uint8 pixels by 255)")
-        z_mean, z_log_var = self._run(self._encoder, ["z_mean", "z_log_var"], "image", images)
+        outputs = self._run(self._encoder, ["z_mean", "z_log_var"], "image", images)
+        z_mean, z_log_var = _finite(outputs, self.artifact_dir, ENCODER_FILE)
         return z_mean, z_log_var
+
+
+def _check_count(value, name: str) -> None:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_temperature(temperature) -> None:
+    if isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if not np.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+
+
+def _finite(outputs: list[np.ndarray], artifact_dir: Path, name: str) -> list[np.ndarray]:
+    """`outputs`, once every value is finite; ArtifactError otherwise."""
+    for output in outputs:
+        if not np.isfinite(output).all():
+            raise ArtifactError(f"{artifact_dir / name}: the model gives NaN or Inf for finite inputs (broken weights)")
+    return outputs
 
 
 def _check_batch(array, item_shape: tuple[int, ...], name: str) -> np.ndarray:

@@ -1,4 +1,9 @@
-"""Write-then-rename helpers, so no reader ever sees a half-written output."""
+"""Write-then-rename helpers, so no reader ever sees a half-written output.
+
+A write that fails for a reason outside the program (no space, no permission, a
+read-only file system) raises PipelineError naming the path; nothing half-written is
+left under the target name.
+"""
 
 from __future__ import annotations
 
@@ -11,33 +16,81 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import PipelineError
+
 
 @contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
+def atomic_directory(target: Path, stage: str | None = None) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `target`; on success swap it in.
 
-    On any exception the temporary directory is removed and `target` (if it
-    existed) is left exactly as it was. On success an existing `target` is
-    replaced: it is first renamed aside, so at no moment is a partial
-    directory visible under the target name.
+    With `stage`, `target` must be new, empty, or that stage's own earlier output with
+    nothing else in it (see pipeline.outputs): checked before the block runs and again
+    before the swap, and the finished directory gets the stage's marker listing every
+    file in it. On any exception the temporary directory is removed and `target` is
+    left exactly as it was. On success an existing `target` is first renamed aside, so
+    at no moment is a partial directory visible under the target name.
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; outputs are not
+    from pipeline.outputs import check_output, files_below, resolve_target, write_marker
+
+    if stage is not None:
+        check_output(target, stage)
+    target = resolve_target(Path(target))
+    _remove_stale_temporaries(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; outputs are not
+    except OSError as exc:
+        raise PipelineError(f"{target.parent}: cannot write output here ({exc.strerror or exc})") from exc
     try:
         yield tmp
+        if stage is not None:
+            write_marker(tmp, stage, files_below(tmp))
+            check_output(target, stage)
+        _swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
     old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(tmp, target)
+    try:
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except OSError as exc:
+        if old is not None and old.exists() and not target.exists():
+            os.replace(old, target)  # put the previous output back
+        raise PipelineError(f"{target}: cannot replace ({exc.strerror or exc})") from exc
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Remove `.NAME.tmp-PID-*` directories beside `target` left by processes that are
+    gone (killed mid-write): they were written by this helper and nothing else."""
+    prefix = f".{target.name}.tmp-"
+    try:
+        candidates = [p for p in target.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return
+    for path in candidates:
+        pid = path.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _umask() -> int:
@@ -49,16 +102,21 @@ def _umask() -> int:
 def write_text(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise PipelineError(f"{path}: cannot write ({exc.strerror or exc})") from exc
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise PipelineError(f"{path}: cannot write ({exc.strerror or exc})") from exc
         raise
 
 

@@ -1,6 +1,7 @@
 """The `vae-pipeline` command line: builds a Config and calls one stage function.
 
-User errors (PipelineError) print one line and exit 2; bugs keep their traceback.
+User errors (PipelineError) print one line and exit 2 (with `--verbose`, the traceback
+first); bugs keep their traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from pipeline import __version__
@@ -254,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PipelineError as exc:
+        if args.verbose:
+            traceback.print_exception(exc, file=sys.stderr)
         print(f"vae-pipeline: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

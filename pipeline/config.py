@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -79,7 +80,7 @@ class ModelConfig:
             "must be >= 1",
         )
         _check(self.dense_units is None or self.dense_units >= 1, "model.dense_units", "must be >= 1")
-        _check(self.beta > 0, "model.beta", "must be > 0")
+        _check(0 < self.beta <= 1000, "model.beta", "must be > 0 and <= 1000")
         _check(self.context is None or self.context in CONTEXTS, "model.context", f"must be one of {list(CONTEXTS)}")
 
     def architecture(self) -> dict[str, Any]:
@@ -122,8 +123,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
-        _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
-        _check(self.free_bits >= 0, "train.free_bits", "must be >= 0")
+        _check(0 < self.learning_rate <= 1, "train.learning_rate", "must be > 0 and <= 1")
+        _check(0 <= self.free_bits <= 100, "train.free_bits", "must be >= 0 and <= 100 (nats per dimension)")
         _check(
             self.lr_schedule in ("constant", "cosine"),
             "train.lr_schedule",
@@ -170,7 +171,7 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         _check(self.opset >= 17, "export.opset", "must be >= 17")
-        _check(self.tolerance > 0, "export.tolerance", "must be > 0")
+        _check(0 < self.tolerance < 1, "export.tolerance", "must be > 0 and < 1")
         _check(self.verify_samples >= 256, "export.verify_samples", "must be >= 256")
 
 
@@ -214,6 +215,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return tuple(_coerce(v, item_type, key) for v in value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        raise PipelineError(f"config: {key} must be a finite number, got {value!r}")
     if annotation is bool and not isinstance(value, bool):
         raise PipelineError(f"config: {key} must be true or false, got {value!r}")
     if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):

@@ -4,12 +4,12 @@ Per-example values are computed in batches by a model-holding actor through Ray 
 (`map_batches`), so the same code scores a dataset larger than one machine.
 
 Output contract (EVAL_DIR): report.json (every number), report.html (self-contained,
-plots inlined), the plots as PNG files, and config.json.
+plots inlined), the plots as PNG files, and config.json. EVAL_DIR must be new, empty
+or an earlier evaluate output (see pipeline.outputs).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import time
@@ -22,8 +22,8 @@ import numpy as np
 from pipeline import __version__
 from pipeline.atomic import atomic_directory, write_json, write_text
 from pipeline.config import Config
-from pipeline.errors import PipelineError
-from pipeline.ingest import read_manifest, read_split
+from pipeline.dataset import check_dataset, read_split, with_dataset_section
+from pipeline.errors import PipelineError, find_user_error
 from pipeline.metrics import (
     bits_per_dim,
     clustering_scores,
@@ -31,7 +31,8 @@ from pipeline.metrics import (
     posterior_health,
     reconstruction_floor,
 )
-from pipeline.model_store import read_model_info
+from pipeline.model_store import check_model_dir
+from pipeline.outputs import check_output
 from pipeline.schema import (
     COLUMN_ID,
     COLUMN_IMAGE,
@@ -134,12 +135,22 @@ def collect(dataset) -> dict[str, np.ndarray]:
     return data
 
 
+def collect_carrying_user_errors(*datasets) -> list[dict[str, np.ndarray]]:
+    """`collect` each dataset; a user error raised in a Ray Data task or actor comes
+    back as that PipelineError, not as Ray's multi-line wrapper."""
+    try:
+        return [collect(dataset) for dataset in datasets]
+    except Exception as exc:
+        user = find_user_error(exc)
+        if user is None:
+            raise
+        raise PipelineError(str(user)) from exc
+
+
 def check_inputs(data_dir: Path, train_dir: Path) -> tuple[dict, dict]:
-    manifest = read_manifest(data_dir)
-    info = read_model_info(train_dir)
-    for split in ("train", "test"):
-        if not (Path(data_dir) / split).is_dir():
-            raise PipelineError(f"{data_dir}: no {split}/ split")
+    """The dataset (content hash included) and the model files, checked before Ray starts."""
+    manifest = check_dataset(data_dir, full=True)
+    info = check_model_dir(train_dir)
     model_shape = tuple(info["architecture"]["image_shape"])
     data_shape = (*manifest["image_shape"], 1)
     if model_shape != data_shape:
@@ -153,6 +164,8 @@ def evaluate(config: Config, data_dir: Path, train_dir: Path, out: Path, verbose
     """Run the evaluate stage and write EVAL_DIR atomically."""
     data_dir, train_dir, out = Path(data_dir), Path(train_dir), Path(out)
     manifest, info = check_inputs(data_dir, train_dir)
+    config = with_dataset_section(config, manifest, data_dir)
+    check_output(out, "evaluate")
     from pipeline import ray_cluster
 
     ray_cluster.connect(config.train.address, min_cpus=2, verbose=verbose)
@@ -171,19 +184,18 @@ def evaluate(config: Config, data_dir: Path, train_dir: Path, out: Path, verbose
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
     )
     log.info("evaluate: scoring the test split (IWAE k=%d) on %d actors", ev.iwae_k, actors)
-    test_scores = collect(scored)
-    train_latents = collect(
-        ray.data.read_parquet(str(data_dir.resolve() / "train"), columns=[COLUMN_IMAGE, COLUMN_LABEL]).map_batches(
-            LatentEncoder,
-            fn_constructor_kwargs={"train_dir": str(train_dir.resolve())},
-            batch_size=2000,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-        )
+    train_latents = ray.data.read_parquet(str(data_dir.resolve() / "train"), columns=[COLUMN_IMAGE, COLUMN_LABEL])
+    train_latents = train_latents.map_batches(
+        LatentEncoder,
+        fn_constructor_kwargs={"train_dir": str(train_dir.resolve())},
+        batch_size=2000,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
     )
+    test_scores, train_latents = collect_carrying_user_errors(scored, train_latents)
     scoring_seconds = time.time() - started
     report = build_report(config, manifest, info, data_dir, test_scores, train_latents, scoring_seconds)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, "evaluate") as tmp:
         from pipeline.plots import write_plots
         from pipeline.report_html import render_html
 
@@ -266,10 +278,9 @@ def check_finite(scores: dict[str, np.ndarray]) -> None:
 
 
 def read_report(eval_dir: Path) -> dict[str, Any]:
+    from pipeline.model_store import read_json
+
     path = Path(eval_dir) / REPORT_JSON
     if not path.is_file():
         raise PipelineError(f"{eval_dir}: no {REPORT_JSON} (run evaluate first)")
-    return json.loads(path.read_text())
-
-
-
+    return read_json(path)

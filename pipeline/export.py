@@ -4,7 +4,8 @@ Output contract (ARTIFACT_DIR):
     decoder.onnx   z [batch, L] float32 -> image [batch, 28, 28, 1] float32 in [0, 1]
     encoder.onnx   image [batch, 28, 28, 1] float32 in [0, 1] -> z_mean, z_log_var [batch, L]
     model_card.json, MODEL_CARD.md, SHA256SUMS, config.json
-Nothing is left behind unless every check passes.
+Nothing is left behind unless every check passes. ARTIFACT_DIR must be new, empty or
+an earlier export output (see pipeline.outputs).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pipeline.atomic import atomic_directory, write_json, write_text
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.model_card import render_model_card
+from pipeline.outputs import check_output
 from pipeline.schema import (
     CHECKSUMS_FILE,
     CLASS_NAMES,
@@ -114,10 +116,12 @@ def verify(onnx_path: Path, reference, inputs: np.ndarray, tolerance: float) -> 
             for e, g in zip(expected, got, strict=True):
                 if e.shape != g.shape:
                     raise PipelineError(f"{onnx_path.name}: output shape {g.shape}, Keras gives {e.shape}")
+                if not (np.isfinite(e).all() and np.isfinite(g).all()):
+                    raise PipelineError(f"{onnx_path.name}: the model gives NaN or Inf outputs; not exported")
                 difference = np.abs(e - g)
                 worst = max(worst, float(np.max(difference)))
                 excess = max(excess, float(np.max(difference / np.maximum(1.0, np.abs(e)))))
-    if not np.isfinite(worst) or excess > tolerance:
+    if excess > tolerance:
         raise PipelineError(
             f"{onnx_path.name}: onnxruntime differs from Keras by {worst:.3g} "
             f"({excess:.3g} scaled) > {tolerance:g}"
@@ -145,13 +149,16 @@ def generated_difference(onnx_path: Path, generator, latents: np.ndarray) -> flo
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: latents})[0]
-    return float(np.max(np.abs(got - np.asarray(generator(latents, training=False)))))
+    difference = float(np.max(np.abs(got - np.asarray(generator(latents, training=False)))))
+    if not np.isfinite(difference):
+        raise PipelineError(f"{onnx_path.name}: generated images hold NaN or Inf; not exported")
+    return difference
 
 
 def verification_images(data_dir: Path | None, count: int, seed: int) -> np.ndarray:
     """Test images in [0, 1] (N, 28, 28, 1): from the dataset if given, else random."""
     if data_dir is not None:
-        from pipeline.ingest import read_split
+        from pipeline.dataset import read_split
 
         images, _ = read_split(data_dir, "test")
         if len(images) >= count:
@@ -177,6 +184,11 @@ def export(
     from pipeline.model_store import load_model
 
     train_dir, out = Path(train_dir), Path(out)
+    check_output(out, "export")
+    if data_dir is not None:
+        from pipeline.dataset import check_dataset, with_dataset_section
+
+        config = with_dataset_section(config, check_dataset(data_dir), data_dir)
     model, info = load_model(train_dir)
     evaluation = read_optional_json(eval_dir, REPORT_JSON)
     summary = read_optional_json(train_dir, TRAIN_SUMMARY_FILE)
@@ -185,7 +197,7 @@ def export(
     latents = rng.standard_normal((ex.verify_samples, model.config.latent_dim)).astype(np.float32)
     images = verification_images(data_dir, ex.verify_samples, config.seed)
     metadata = artifact_metadata(model, info, summary, evaluation)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, "export") as tmp:
         checks = {}
         for name, (proto, reference) in onnx_models(model, ex.opset).items():
             for key, value in metadata.items():
@@ -210,12 +222,14 @@ def export(
 
 
 def read_optional_json(directory: Path | None, name: str) -> dict[str, Any] | None:
+    from pipeline.model_store import read_json
+
     if directory is None:
         return None
     path = Path(directory) / name
     if not path.is_file():
         raise PipelineError(f"{directory}: no {name}")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def artifact_metadata(model, info, summary, evaluation) -> dict[str, str]:

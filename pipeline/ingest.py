@@ -10,8 +10,7 @@ zstd-compressed. pyarrow and Ray Data both read `image` back as (N, 28, 28) uint
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 import logging
 import os
 import platform
@@ -25,14 +24,16 @@ import numpy as np
 from pipeline import __version__
 from pipeline.atomic import atomic_directory, write_json
 from pipeline.config import Config
+from pipeline.dataset import check_dataset, content_sha256, parquet_schema
 from pipeline.errors import PipelineError
+from pipeline.outputs import check_output
 from pipeline.progressive import ProgressiveArray
 from pipeline.schema import (
     CLASS_NAMES,
-    COLUMN_ID,
     COLUMN_IMAGE,
     COLUMN_LABEL,
     CONFIG_FILE,
+    DATASET_FORMAT,
     FULL_SPLIT_ROWS,
     IMAGE_SHAPE,
     MANIFEST_FILE,
@@ -51,26 +52,7 @@ class IngestResult:
     skipped: bool  # True when an identical dataset was already there
 
 
-def parquet_schema():
-    import pyarrow as pa
-
-    metadata = {
-        "class_names": json.dumps(CLASS_NAMES),
-        "image_shape": json.dumps(IMAGE_SHAPE),
-        "image_layout": "row-major uint8, 0=background 255=ink",
-    }
-    return pa.schema(
-        [
-            pa.field(COLUMN_ID, pa.int64(), nullable=False),
-            pa.field(COLUMN_IMAGE, pa.fixed_shape_tensor(pa.uint8(), IMAGE_SHAPE), nullable=False),
-            pa.field(COLUMN_LABEL, pa.uint8(), nullable=False),
-        ],
-        metadata=metadata,
-    )
-
-
 Splits = dict[str, tuple[ProgressiveArray, np.ndarray]]  # split -> (images, labels)
-HASH_ROWS = 10_000  # images hashed per step, as they are decoded
 
 
 def select(source: SourceData, limit: int | None) -> Splits:
@@ -96,20 +78,6 @@ def check_full_counts(split: str, labels: np.ndarray, location: str) -> None:
     counts = np.bincount(labels, minlength=NUM_CLASSES)
     if not np.all(counts == expected // NUM_CLASSES):
         raise PipelineError(f"{location}: {split} class counts {counts.tolist()} are not balanced")
-
-
-def content_sha256(splits: Splits) -> str:
-    """A hash of the decoded data (the same whatever the source or file layout), taken
-    row block by row block as the images are decoded."""
-    digest = hashlib.sha256()
-    for split in SPLITS:
-        images, labels = splits[split]
-        digest.update(split.encode())
-        for start in range(0, len(labels), HASH_ROWS):
-            stop = min(start + HASH_ROWS, len(labels))
-            digest.update(np.ascontiguousarray(images.rows(stop)[start:]))
-        digest.update(np.ascontiguousarray(labels, dtype=np.uint8))
-    return digest.hexdigest()
 
 
 def write_file(path: Path, ids: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
@@ -149,24 +117,29 @@ def write_part(path: Path, images: ProgressiveArray, labels: np.ndarray, start: 
     write_file(path, np.arange(start, stop), images.rows(stop)[start:], labels[start:stop])
 
 
-def write_splits(directory: Path, splits: Splits, rows_per_file: int, pool: Executor) -> dict[str, int]:
+def write_splits(directory: Path, splits: Splits, rows_per_file: int, pool: Executor) -> dict[str, list]:
     """Write every split as numbered Parquet files on `pool` (pyarrow releases the GIL
-    while encoding), each file as soon as its rows are decoded; returns the number of
-    files per split. Returns or raises only once every write has stopped."""
-    jobs, counts = [], {}
+    while encoding), each file as soon as its rows are decoded; returns, per split, each
+    file's name, rows and size for the manifest. Returns or raises only once every
+    write has stopped."""
+    jobs, files = [], {}
     # Smaller splits first: their files finish decoding first, so no writer idles.
     for split in sorted(SPLITS, key=lambda name: len(splits[name][1])):
         images, labels = splits[split]
         (directory / split).mkdir(parents=True)
-        counts[split] = max(1, -(-len(labels) // rows_per_file))
-        for index in range(counts[split]):
+        files[split] = []
+        for index in range(max(1, -(-len(labels) // rows_per_file))):
             start, stop = index * rows_per_file, min((index + 1) * rows_per_file, len(labels))
             path = directory / split / f"part-{index:05d}.parquet"
+            files[split].append({"name": path.name, "rows": stop - start})
             jobs.append(pool.submit(write_part, path, images, labels, start, stop))
     wait(jobs)
     for job in jobs:
         job.result()
-    return {split: counts[split] for split in SPLITS}
+    for split, entries in files.items():
+        for entry in entries:
+            entry["bytes"] = (directory / split / entry["name"]).stat().st_size
+    return {split: files[split] for split in SPLITS}
 
 
 def build_manifest(
@@ -180,7 +153,7 @@ def build_manifest(
 
     schema = parquet_schema()
     return {
-        "format": "vae-pipeline/dataset/v1",
+        "format": DATASET_FORMAT,
         "content_sha256": digest,
         "rows": {split: int(len(splits[split][1])) for split in SPLITS},
         "class_counts": {
@@ -190,8 +163,7 @@ def build_manifest(
         "image_shape": list(IMAGE_SHAPE),
         "schema": {field.name: str(field.type) for field in schema},
         "files": files,
-        "limit": config.data.limit,
-        "rows_per_file": config.data.rows_per_file,
+        "data": dataclasses.asdict(config.data),
         "source": {"kind": source.kind, "location": source.location, "sha256": source.file_sha256()},
         "versions": {
             "pipeline": __version__,
@@ -202,21 +174,16 @@ def build_manifest(
     }
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST_FILE
-    if not path.is_file():
-        raise PipelineError(f"{directory}: not an ingested dataset (no {MANIFEST_FILE})")
-    return json.loads(path.read_text())
-
-
 def ingest(config: Config, out: Path, force: bool = False) -> IngestResult:
     """Run the ingest stage; nothing is written unless the whole dataset validates.
 
+    `out` must be new, empty, or an earlier ingest output (see pipeline.outputs).
     Decoding, hashing and Parquet writing overlap: files are written into a temporary
     directory as their rows are decoded, and it replaces `out` only once every file,
     the content hash and the source's gzip checksums are good.
     """
     out = Path(out)
+    existing = check_output(out, "ingest")
     workers = os.cpu_count() or 1
     # The hash gets its own thread: it waits on decoding, and must not hold a pool slot.
     with ThreadPoolExecutor(workers, "ingest") as pool, ThreadPoolExecutor(1, "ingest-hash") as hasher:
@@ -224,14 +191,13 @@ def ingest(config: Config, out: Path, force: bool = False) -> IngestResult:
         log.info("ingest: source %s (%s)", source.kind, source.location)
         splits = select(source, config.data.limit)
         digest = hasher.submit(content_sha256, splits)
-        if not force and (out / MANIFEST_FILE).is_file():
-            old = read_manifest(out)
-            same = old.get("content_sha256") == digest.result()
-            if same and old.get("rows_per_file") == config.data.rows_per_file:
+        if existing and not force:
+            old = unchanged_dataset(out, digest.result(), config)
+            if old is not None:
                 source.file_sha256()  # raises if any file fails its gzip checks
                 log.info("ingest: %s already holds this data (sha256 %s); nothing to do", out, digest.result()[:12])
                 return IngestResult(out, old, skipped=True)
-        with atomic_directory(out) as tmp:
+        with atomic_directory(out, "ingest") as tmp:
             files = write_splits(tmp, splits, config.data.rows_per_file, pool)
             manifest = build_manifest(source, splits, digest.result(), config, files)
             write_json(tmp / MANIFEST_FILE, manifest)
@@ -240,26 +206,13 @@ def ingest(config: Config, out: Path, force: bool = False) -> IngestResult:
     return IngestResult(out, manifest, skipped=False)
 
 
-def read_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read a split back with pyarrow: images (N, 28, 28) uint8, labels (N,) uint8."""
-    import pyarrow.parquet as pq
-
-    path = Path(directory) / split
-    if not path.is_dir():
-        raise PipelineError(f"{directory}: no {split}/ split (run ingest first)")
-    table = pq.read_table(path, columns=[COLUMN_IMAGE, COLUMN_LABEL])
-    return images_from_column(table.column(COLUMN_IMAGE)), table.column(COLUMN_LABEL).to_numpy()
-
-
-def images_from_column(column) -> np.ndarray:
-    """A fixed_shape_tensor image column -> (N, 28, 28) uint8, without per-row decoding."""
-    import pyarrow as pa
-
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    images = column.to_numpy_ndarray()
-    if images.shape[1:] != IMAGE_SHAPE or images.dtype != np.uint8:
-        raise PipelineError(
-            f"image column holds {images.dtype} {images.shape[1:]}, expected uint8 {IMAGE_SHAPE}"
-        )
-    return images
+def unchanged_dataset(out: Path, digest: str, config: Config) -> dict[str, Any] | None:
+    """The manifest of the earlier ingest output at `out` when it holds this very data,
+    laid out the same way, and its files still match the manifest; else None."""
+    try:
+        old = check_dataset(out)
+    except PipelineError as exc:
+        log.warning("ingest: rewriting the earlier output: %s", exc)
+        return None
+    same = old["content_sha256"] == digest and old["data"]["rows_per_file"] == config.data.rows_per_file
+    return old if same else None

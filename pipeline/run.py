@@ -2,8 +2,11 @@
 
 Each stage's inputs (its config sections and the upstream outputs' hashes) give it a
 key. A stage whose key matches a completed record in run.json, and whose output still
-hashes the same, is skipped. A failed or killed stage is never recorded complete: the
-next run starts again there (training resumes from its latest checkpoint).
+hashes the same and passes its stage's checks (for the dataset, its content hash
+recomputed), is skipped; a damaged output is rebuilt. A failed or killed stage is never
+recorded complete: the next run starts again there (training resumes from its latest
+checkpoint). RUN must be new, empty or a run directory; RUNS/latest is replaced only
+when it is a symbolic link.
 
 Layout: RUN/run.json, RUN/data/, RUN/train/, RUN/eval/, RUN/artifact/; RUNS/latest
 points at the newest run.
@@ -35,6 +38,8 @@ from pipeline.schema import (
     MODEL_DIR,
     MODEL_WEIGHTS_FILE,
     REPORT_JSON,
+    RUN_FORMAT,
+    TRAIN_SUMMARY_FILE,
 )
 
 log = logging.getLogger(__name__)
@@ -111,6 +116,33 @@ def choose_run_dir(runs_root: Path, run_dir: Path | None) -> Path:
     return candidate
 
 
+def check_latest(runs_root: Path) -> None:
+    """RUNS/latest may be absent or a symbolic link; anything else is not ours to replace."""
+    link = Path(runs_root) / LATEST
+    if os.path.lexists(link) and not link.is_symlink():
+        raise PipelineError(f"{link}: exists and is not a symbolic link; refusing to replace it")
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A run directory must be new, empty, or hold a run.json this pipeline wrote."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise PipelineError(f"{run_dir}: exists and is not a directory")
+    if not any(run_dir.iterdir()):
+        return
+    path = run_dir / RUN_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
+        raise PipelineError(
+            f"{run_dir}: not a run directory of this pipeline (no {RUN_FILE} of format {RUN_FORMAT}); "
+            "refusing to write into it"
+        )
+
+
 def point_latest(runs_root: Path, run_dir: Path) -> None:
     """Atomically repoint RUNS/latest at `run_dir` (a relative symlink)."""
     link = Path(runs_root) / LATEST
@@ -125,6 +157,7 @@ def load_record(run_dir: Path, config: Config) -> dict[str, Any]:
     record = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
     record.update(
         {
+            "format": RUN_FORMAT,
             "config": config.to_dict(),
             "versions": {"pipeline": __version__, "python": platform.python_version()},
             "git_commit": git_commit(),
@@ -141,13 +174,47 @@ def output_sha256(run_dir: Path, name: str) -> str | None:
 
 
 def is_cached(run_dir: Path, record: dict[str, Any], name: str, key: str) -> bool:
+    """The stage completed with these inputs and its output is still intact."""
     entry = record["stages"].get(name, {})
-    return (
+    if not (
         entry.get("status") == "complete"
         and entry.get("key") == key
         and entry.get("output_sha256") is not None
         and output_sha256(run_dir, name) == entry["output_sha256"]
-    )
+    ):
+        return False
+    try:
+        check_stage_output(run_dir / STAGE_SPECS[name].directory, name)
+    except (PipelineError, OSError) as exc:
+        log.warning("run: %s: its output is damaged, running it again: %s", name, exc)
+        return False
+    return True
+
+
+def check_stage_output(directory: Path, name: str) -> None:
+    """The checks that let a completed stage's output be reused; PipelineError if one fails."""
+    from pipeline.outputs import read_marker
+
+    marker = read_marker(directory)
+    if marker is None or marker.get("stage") != name:
+        raise PipelineError(f"{directory}: not the {name} stage's output")
+    if name == "ingest":
+        from pipeline.dataset import check_dataset
+
+        check_dataset(directory, full=True)
+    elif name == "train":
+        from pipeline.model_store import check_model_dir
+
+        check_model_dir(directory)
+        if not (directory / TRAIN_SUMMARY_FILE).is_file():
+            raise PipelineError(f"{directory}: no {TRAIN_SUMMARY_FILE}")
+    elif name == "export":
+        from deploy.artifact import ArtifactError, verify_checksums
+
+        try:
+            verify_checksums(directory)
+        except ArtifactError as exc:
+            raise PipelineError(str(exc)) from exc
 
 
 def stage_runners(config: Config, run_dir: Path, verbose: bool) -> dict[str, Callable[[bool], None]]:
@@ -199,8 +266,15 @@ def run_pipeline(
     if force is not None and force not in STAGES:
         raise PipelineError(f"--force: unknown stage {force!r}; choose one of {', '.join(STAGES)}")
     run_dir = choose_run_dir(runs_root, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if run_dir.parent.resolve() == Path(runs_root).resolve():
+    check_run_dir(run_dir)
+    in_runs_root = run_dir.parent.resolve() == Path(runs_root).resolve()
+    if in_runs_root:
+        check_latest(runs_root)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"{run_dir}: cannot create ({exc.strerror or exc})") from exc
+    if in_runs_root:
         point_latest(runs_root, run_dir)
     record = load_record(run_dir, config)
     record.setdefault("started", time.time())
@@ -245,9 +319,8 @@ def execute_stage(run_dir, record, name, key, runner, resume, config) -> None:
         "inputs": {up: record["stages"][up]["output_sha256"] for up in UPSTREAM[name]},
         "config": config.to_dict(),
     }
+    previous_output = record["stages"].get(name, {}).get("output_sha256")
     record["stages"][name] = entry
-    for later in STAGES[STAGES.index(name) + 1 :]:
-        record["stages"].pop(later, None)  # downstream results are stale once this reruns
     write_json(run_dir / RUN_FILE, record)
     log.info("run: %s: %s", name, "resuming from its latest checkpoint" if resume else "running")
     try:
@@ -258,6 +331,12 @@ def execute_stage(run_dir, record, name, key, runner, resume, config) -> None:
         raise
     entry.update(status="complete", ended=time.time(), seconds=time.time() - started)
     entry["output_sha256"] = output_sha256(run_dir, name)
+    if entry["output_sha256"] != previous_output:
+        # Later stages were made from another output: stale. (Their keys would say so
+        # too; dropping them keeps run.json honest.) An identical output, such as a
+        # damaged dataset rebuilt from the same source, keeps them.
+        for later in STAGES[STAGES.index(name) + 1 :]:
+            record["stages"].pop(later, None)
     write_json(run_dir / RUN_FILE, record)
     log.info("run: %s: done in %.0f s", name, entry["seconds"])
 

@@ -34,6 +34,7 @@ IDX_FILES = {
 }
 
 # Stage output contracts.
+OUTPUT_MARKER = ".vae-pipeline.json"  # in every stage output: which stage wrote it, and what
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"
 MODEL_DIR = "model"
@@ -48,3 +49,8 @@ ENCODER_ONNX = "encoder.onnx"
 MODEL_CARD_JSON = "model_card.json"
 MODEL_CARD_MD = "MODEL_CARD.md"
 CHECKSUMS_FILE = "SHA256SUMS"
+
+# The `format` of each JSON contract; a reader refuses any other.
+OUTPUT_FORMAT = "vae-pipeline/output/v1"
+DATASET_FORMAT = "vae-pipeline/dataset/v2"
+RUN_FORMAT = "vae-pipeline/run/v1"

@@ -6,6 +6,8 @@ plain arrays per split plus a description of what it read.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from concurrent.futures import Executor, Future
@@ -17,7 +19,7 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.idx import inflate_idx_gz, validate_split
 from pipeline.progressive import ProgressiveArray
-from pipeline.schema import IDX_FILES, SPLITS
+from pipeline.schema import IDX_FILES, IMAGE_SHAPE, SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,13 @@ def load_idx_dir(directory: Path, pool: Executor) -> SourceData:
 
 
 def load_tfds(data_dir: str | None = None) -> SourceData:
-    """Load `fashion_mnist` through tensorflow-datasets (downloads when online)."""
+    """Load `fashion_mnist` through tensorflow-datasets (downloads on first use).
+
+    The download honours the usual HTTP_PROXY / HTTPS_PROXY variables and checks every
+    file against tfds' registered checksums. Its progress bars, retry warnings and
+    printed notices are kept off the console (the stage logs its own lines); any
+    failure is one PipelineError line.
+    """
     try:
         import tensorflow_datasets as tfds
     except ImportError as exc:  # pragma: no cover - the train extra brings it
@@ -96,9 +104,14 @@ def load_tfds(data_dir: str | None = None) -> SourceData:
             "the tfds source needs tensorflow-datasets (pip install '.[train]')"
         ) from exc
     splits = {}
+    tfds.disable_progress_bar()
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # one warning per retry otherwise
     try:
         builder = tfds.builder("fashion_mnist", data_dir=data_dir)
-        builder.download_and_prepare()
+        log.info("ingest: tensorflow-datasets fashion_mnist in %s (downloads on first use)", builder.data_dir)
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            builder.download_and_prepare()
+        log.debug("tfds: %s", printed.getvalue().strip())
         for split in SPLITS:
             # Fixed-size batches: batch_size=-1 aborts TensorFlow under tfds' mock data.
             batches = list(
@@ -107,7 +120,7 @@ def load_tfds(data_dir: str | None = None) -> SourceData:
                 )
             )
             images = (
-                np.concatenate([b["image"] for b in batches]).astype(np.uint8).reshape(-1, 28, 28)
+                np.concatenate([b["image"] for b in batches]).astype(np.uint8).reshape(-1, *IMAGE_SHAPE)
             )
             labels = np.concatenate([b["label"] for b in batches]).astype(np.uint8)
             validate_split(images, labels, f"tfds fashion_mnist/{split}")
@@ -115,8 +128,14 @@ def load_tfds(data_dir: str | None = None) -> SourceData:
     except PipelineError:
         raise
     except Exception as exc:  # network and dataset errors come in many types
-        raise PipelineError(f"tfds fashion_mnist: {str(exc).splitlines()[0]}") from exc
+        raise PipelineError(f"tfds fashion_mnist: {one_line(exc)}") from exc
     return SourceData("tfds", f"tfds:fashion_mnist:{builder.version}", splits)
+
+
+def one_line(error: BaseException, limit: int = 400) -> str:
+    """An exception's message with its line breaks and runs of spaces collapsed."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_source(spec: str, pool: Executor) -> SourceData:

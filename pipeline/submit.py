@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.ray_cluster import check_reachable
+from pipeline.ray_cluster import check_dashboard, check_reachable
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -51,6 +51,7 @@ def entrypoint(config: Config, runs_root: str, run_dir: str | None) -> str:
 
 def client(address: str):
     check_reachable(address, default_port=8265)
+    check_dashboard(address)
     try:
         from ray.job_submission import JobSubmissionClient
     except ImportError as exc:  # pragma: no cover - the train extra brings ray[default]

@@ -7,12 +7,14 @@ Output contract (TRAIN_DIR):
     ray/                                  Ray Train storage: checkpoints per epoch
     config.json                           the resolved config
     train.json                            the run summary, written last (completeness marker)
+TRAIN_DIR must be new, empty or an earlier training output (see pipeline.outputs).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -21,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_json, write_text
-from pipeline.config import Config
-from pipeline.errors import PipelineError
-from pipeline.ingest import read_manifest
+from pipeline.config import Config, TrainConfig
+from pipeline.dataset import check_dataset, with_dataset_section
+from pipeline.errors import PipelineError, find_user_error, last_line
 from pipeline.model_store import read_checkpoint, write_model_dir
-from pipeline.schema import CONFIG_FILE, METRICS_FILE, TRAIN_SUMMARY_FILE
+from pipeline.outputs import check_output, claim_output
+from pipeline.schema import CONFIG_FILE, METRICS_FILE, MODEL_DIR, TRAIN_SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ CHECKPOINT_PREFIX = "checkpoint_epoch_"
 # call, so a short poll would keep Ray busy beside the workers.
 PROGRESS_WAIT_S = 10.0
 FIT_DONE = {"event": "done"}
+# What the train stage writes in TRAIN_DIR; anything else there is not its own.
+TRAIN_OUTPUTS = [CONFIG_FILE, METRICS_FILE, TRAIN_SUMMARY_FILE, MODEL_DIR, "ray", "tensorboard"]
 
 
 @dataclass(frozen=True)
@@ -69,34 +74,50 @@ def find_latest_checkpoint(storage: str) -> str | None:
     return storage.split("://")[0] + "://" + path if "://" in storage else path
 
 
-def check_data(data_dir: Path) -> dict[str, Any]:
-    manifest = read_manifest(data_dir)
-    if not (Path(data_dir) / "train").is_dir():
-        raise PipelineError(f"{data_dir}: no train/ split")
-    return manifest
+def check_batch_fits(train: TrainConfig, train_rows: int) -> None:
+    """Every worker must get at least one full batch an epoch, or training does nothing."""
+    per_worker_rows = train_rows // train.num_workers
+    per_worker_batch = train.batch_size // train.num_workers
+    if per_worker_rows < per_worker_batch:
+        raise PipelineError(
+            f"train.batch_size {train.batch_size} does not fit the training split: {train_rows} rows over "
+            f"{train.num_workers} workers is {per_worker_rows} each, less than one batch of {per_worker_batch}"
+        )
 
 
 def train(config: Config, data_dir: Path, out: Path, resume: bool = False, verbose: bool = False) -> TrainResult:
-    """Run data-parallel training; returns when TRAIN_DIR/model/ and train.json are written."""
+    """Run data-parallel training; returns when TRAIN_DIR/model/ and train.json are written.
+
+    The dataset is checked against its manifest (content hash included) and the batch
+    against the split before Ray starts. Training that diverges, ends early or leaves
+    non-finite weights raises PipelineError and writes no model.
+    """
     data_dir, out = Path(data_dir), Path(out)
-    manifest = check_data(data_dir)
+    manifest = check_dataset(data_dir, full=True)
+    config = with_dataset_section(config, manifest, data_dir)
+    check_batch_fits(config.train, manifest["rows"]["train"])
+    check_output(out, "train")
     storage = storage_location(config, out)
     resume_from = find_latest_checkpoint(storage) if resume else None
     if resume and resume_from is None:
         raise PipelineError(f"--resume: no checkpoint found under {storage}")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / CONFIG_FILE, config.to_dict())
-    (out / TRAIN_SUMMARY_FILE).unlink(missing_ok=True)  # not complete until rewritten
-
+    if resume_from is not None and "://" not in resume_from:
+        check_checkpoint(Path(resume_from))
     from pipeline import ray_cluster
 
     workers = config.train.num_workers
     ray_cluster.connect(config.train.address, min_cpus=workers * config.train.cpus_per_worker + 1, verbose=verbose)
+    out = claim_output(out, "train", TRAIN_OUTPUTS)
+    write_json(out / CONFIG_FILE, config.to_dict())
+    (out / TRAIN_SUMMARY_FILE).unlink(missing_ok=True)  # not complete until rewritten
     started = time.time()
     result, events = fit(config, data_dir, manifest, storage, resume_from, out, verbose)
+    if result.checkpoint is None:
+        raise PipelineError("training ended without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         state, info = read_checkpoint(Path(directory))
     history = info["history"]
+    check_history(history, config.train.epochs)
     write_text(out / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in history))
     model_info = {
         "architecture": info["architecture"],
@@ -121,6 +142,26 @@ def train(config: Config, data_dir: Path, out: Path, resume: bool = False, verbo
     }
     write_json(out / TRAIN_SUMMARY_FILE, summary)
     return TrainResult(out, summary)
+
+
+def check_checkpoint(directory: Path) -> None:
+    """A checkpoint to resume from must be readable and finite (checked before Ray starts)."""
+    from pipeline.model_store import non_finite_arrays
+
+    state, _ = read_checkpoint(directory)
+    bad = non_finite_arrays(state)
+    if bad:
+        raise PipelineError(f"{directory}: checkpoint holds NaN or Inf ({bad[0]}); cannot resume from it")
+
+
+def check_history(history: list[dict[str, Any]], epochs: int) -> None:
+    """Training is complete only with every epoch's metrics, all finite."""
+    if len(history) != epochs:
+        raise PipelineError(f"training stopped after {len(history)} of {epochs} epochs")
+    for row in history:
+        bad = [key for key, value in row.items() if isinstance(value, float) and not math.isfinite(value)]
+        if bad:
+            raise PipelineError(f"training diverged: non-finite {bad[0]} in epoch {row['epoch'] + 1}")
 
 
 def fit(config, data_dir, manifest, storage, resume_from, out, verbose):
@@ -192,11 +233,21 @@ def fit(config, data_dir, manifest, storage, resume_from, out, verbose):
             logger.handle(event)
         thread.join()
     if "error" in outcome:
-        error = outcome["error"]
-        log.debug("training failed", exc_info=error)
-        cause = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise PipelineError(f"training failed: {cause}") from error
+        raise training_error(outcome["error"]) from outcome["error"]
+    diverged = [event["message"] for event in events if event["event"] == "diverged"]
+    if diverged:
+        raise PipelineError(diverged[0])
     return outcome["result"], events
+
+
+def training_error(error: BaseException) -> PipelineError:
+    """A one-line PipelineError for a failed `trainer.fit()`: a user error raised in a
+    worker keeps its own message; anything else gives the last line of Ray's report."""
+    log.debug("training failed", exc_info=error)
+    user = find_user_error(error)
+    if user is not None:
+        return PipelineError(str(user))
+    return PipelineError(f"training failed: {last_line(error)} (run with --verbose for the traceback)")
 
 
 class ProgressLog:
@@ -213,6 +264,8 @@ class ProgressLog:
         return self
 
     def handle(self, event: dict[str, Any]) -> None:
+        if event["event"] == "diverged":
+            return  # the driver raises it once training has stopped
         if event["event"] == "start":
             verb = "resuming at" if event["epoch"] else "starting at"
             log.info("train: %d workers %s epoch %d", event["workers"], verb, event["epoch"] + 1)

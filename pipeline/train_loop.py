@@ -105,7 +105,14 @@ def inject_fault_once(run_name: str) -> None:
 def train_func(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. `loop_config` holds `config` (a Config dict),
     `train_rows` (rows in the training split), `progress` (a queue actor or None) and
-    `resume_from` (a checkpoint path or URI to start from, or None)."""
+    `resume_from` (a checkpoint path or URI to start from, or None).
+
+    If the weights (checked after every `steps_per_execution` steps) or an epoch's loss
+    stop being finite, every worker stops at the same point (the weights are the same on
+    every replica, and the loss sums are all-reduced) without reporting that epoch, and
+    rank 0 sends a `diverged` event naming the epoch and steps. It returns rather than raises: Ray Train would retry a raised error, and
+    a diverging run diverges again.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import ray.train
@@ -130,6 +137,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
     batch = per_worker_batch(config.train.batch_size, world)
     global_batch = batch * world
     steps_per_epoch = (loop_config["train_rows"] // world) // batch
+    if steps_per_epoch < 1:  # the driver checks this before starting; a bug if reached
+        raise ValueError(f"{loop_config['train_rows']} rows give no batch of {batch} per worker")
     architecture = VAEConfig.from_dict(config.model.architecture())
     free_bits = config.train.free_bits
     with strategy.scope():
@@ -178,13 +187,15 @@ def train_func(loop_config: dict[str, Any]) -> None:
     @tf.function(input_signature=[chunk_spec, tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.int32)])
     def train_steps(chunk, epoch, first_step):
         """One step per batch of `chunk`; returns this worker's (loss, recon, kl) sums,
-        which are summed across workers once an epoch, not every step."""
+        which are summed across workers once an epoch, not every step, and whether every
+        weight is still finite after the chunk (the same answer on every replica)."""
         totals = tf.zeros(3, tf.float64)
         for i in tf.range(tf.shape(chunk)[0]):
             noise_seed = tf.stack([config.seed * 1_000_003 + epoch, (first_step + i) * world + rank])
             per_replica = strategy.run(replica_step, args=(chunk[i], noise_seed))
             totals += strategy.experimental_local_results(per_replica)[0]
-        return totals
+        finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in model.trainable_variables]))
+        return totals, finite
 
     @tf.function
     def sum_over_workers(local):
@@ -210,13 +221,25 @@ def train_func(loop_config: dict[str, Any]) -> None:
             batches = streamed_batches(shard, batch, shuffle_seed, cache)
         # Every worker must run the same number of collective steps: the first
         # steps_per_epoch batches train, the rest of a streamed shard is only cached.
+        diverged = None
         for chunk in chunked(itertools.islice(batches, steps_per_epoch), config.train.steps_per_execution):
-            totals += train_steps(tf.constant(chunk), tf.constant(epoch), tf.constant(step)).numpy()
+            sums, finite = train_steps(tf.constant(chunk), tf.constant(epoch), tf.constant(step))
+            if not bool(finite):
+                diverged = f"non-finite weights within steps {step + 1}-{step + len(chunk)} of {steps_per_epoch}"
+                break
+            totals += sums.numpy()
             step += len(chunk)
-        for _ in batches:
-            pass
-        cache.seal(min_rows=steps_per_epoch * batch)
-        totals = sum_over_workers(tf.constant(totals, tf.float64)).numpy()
+        if diverged is None:
+            for _ in batches:
+                pass
+            cache.seal(min_rows=steps_per_epoch * batch)
+            totals = sum_over_workers(tf.constant(totals, tf.float64)).numpy()
+            if not np.isfinite(totals).all():
+                diverged = "non-finite loss"
+        if diverged is not None:
+            if rank == 0 and progress is not None:
+                progress.put({"event": "diverged", "message": divergence_message(config, epoch, diverged)})
+            return
         seconds = time.perf_counter() - started
         images = step * global_batch
         spread = float(replica_spread(tf.constant(weights_fingerprint(model))).numpy())
@@ -235,6 +258,13 @@ def train_func(loop_config: dict[str, Any]) -> None:
         report_epoch(model, optimizer, config, epoch, history, metrics, rank, get_state)
         if rank == 0 and progress is not None:
             progress.put({"event": "epoch", **metrics})
+
+
+def divergence_message(config: Config, epoch: int, what: str) -> str:
+    return (
+        f"training diverged: {what} in epoch {epoch + 1}; nothing from that epoch was kept "
+        f"(try a lower train.learning_rate than {config.train.learning_rate:g})"
+    )
 
 
 def chunked(batches, size: int):

@@ -45,3 +45,13 @@ def has_real_data() -> bool:
 def tree_snapshot(directory: Path) -> dict[str, bytes]:
     """Every file under `directory` with its bytes, to prove nothing changed."""
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def single_error_line(err: str, program: str = "vae-pipeline") -> str:
+    """The one `PROGRAM: error: ...` line of a command's stderr, which must be its last line
+    (progress lines may come before it), with no traceback anywhere."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(f"{program}: error: ")]
+    assert "Traceback" not in err, err[-3000:]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines[-10:]
+    return errors[0]

@@ -37,3 +37,11 @@ def test_flags_override_set_and_file(tmp_path):
     )
     config = build_config(args, TRAIN_FLAGS)
     assert config.train.epochs == 9 and config.train.num_workers == 4
+
+
+def test_verbose_adds_the_traceback_before_the_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--verbose", "export", "--model", "nothing", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    assert err.strip().splitlines()[-1].startswith("vae-pipeline: error: ")

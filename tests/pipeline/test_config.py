@@ -43,12 +43,29 @@ def test_yaml_file_is_read(tmp_path):
         ("train.use_gpu=1", "train.use_gpu must be true or false"),
         ("export.opset=13", "export.opset must be >= 17"),
         ("model.context=left", "model.context must be one of"),
+        ("train.learning_rate=Infinity", "train.learning_rate must be a finite number, got inf"),
+        ("train.learning_rate=NaN", "train.learning_rate must be a finite number, got nan"),
+        ("train.learning_rate=2", "train.learning_rate must be > 0 and <= 1"),
+        ("model.beta=-Infinity", "model.beta must be a finite number"),
+        ("train.free_bits=1e400", "train.free_bits must be a finite number"),
+        ("export.tolerance=1", "export.tolerance must be > 0 and < 1"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(PipelineError, match="config: ") as info:
         load_config(overrides=[override])
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [("c.toml", "[train]\nlearning_rate = inf\n"), ("c.yaml", "train:\n  learning_rate: .nan\n")],
+)
+def test_non_finite_numbers_in_files_are_refused(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(PipelineError, match="train.learning_rate must be a finite number"):
+        load_config(path)
 
 
 def test_malformed_override_and_file_are_errors(tmp_path):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
+from pipeline.dataset import read_split
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate, example_noise, score_batch
-from pipeline.ingest import read_split
 from pipeline.model_store import load_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -109,3 +109,39 @@ def test_manifold_plot_for_two_dimensional_latent(tmp_path):
 
     grid = image_grid(np.ones((5, 28, 28)), columns=2)
     assert grid.shape == (3 * 28, 2 * 28) and grid[-28:, 28:].sum() == 0
+
+
+def test_a_file_dropped_into_the_report_stops_its_replacement(tmp_path, capsys, evaluation, small_dataset, trained_run):
+    import shutil
+
+    from pipeline.cli import main
+    from tests.helpers import single_error_line, tree_snapshot
+
+    out = tmp_path / "eval"
+    shutil.copytree(evaluation.out, out)
+    (out / "my_plot.png").write_bytes(PNG_MAGIC)
+    before = tree_snapshot(out)
+    argv = ["evaluate", "--data", str(small_dataset), "--model", str(trained_run.out), "--out", str(out)]
+    assert main(argv) == 2
+    assert "did not write (my_plot.png)" in single_error_line(capsys.readouterr().err)
+    assert tree_snapshot(out) == before
+
+
+class FailingScorer:
+    """A Ray Data actor that fails the way a damaged input would, inside the actor."""
+
+    def __call__(self, batch):
+        raise PipelineError("model/model.json: unreadable JSON (a test)")
+
+
+def test_a_user_error_in_a_ray_data_actor_comes_back_as_its_own_line(ray_local):
+    import ray.data
+
+    from pipeline.evaluate import collect_carrying_user_errors
+
+    dataset = ray.data.range(4).map_batches(
+        FailingScorer, batch_size=2, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1)
+    )
+    with pytest.raises(PipelineError) as info:
+        collect_carrying_user_errors(dataset)
+    assert str(info.value) == "model/model.json: unreadable JSON (a test)"

@@ -16,7 +16,7 @@ def artifact(tmp_path_factory, small_dataset, trained_run):
 
 
 def test_artifact_files_and_checksums(artifact):
-    names = sorted(p.name for p in artifact.out.iterdir())
+    names = sorted(p.name for p in artifact.out.iterdir() if p.name != ".vae-pipeline.json")
     assert names == ["MODEL_CARD.md", "SHA256SUMS", "config.json", "decoder.onnx", "encoder.onnx", "model_card.json"]
     listed = [line.split("  ")[1] for line in (artifact.out / CHECKSUMS_FILE).read_text().splitlines()]
     assert sorted(listed) == sorted(n for n in names if n != CHECKSUMS_FILE)
@@ -52,10 +52,11 @@ def test_verify_rejects_a_model_that_differs(artifact, trained_run):
     from pipeline.model_store import load_model
 
     model, _ = load_model(trained_run.out)
+    generator = model.generator()
     z = np.random.default_rng(0).standard_normal((256, 4)).astype(np.float32)
 
     def shifted(x, outputs):
-        return np.asarray(model.generator()(x)) + 1e-3
+        return np.asarray(generator(x)) + 1e-3
 
     with pytest.raises(PipelineError, match="differs from Keras"):
         verify(artifact.out / "decoder.onnx", shifted, z, tolerance=1e-5)
@@ -88,3 +89,81 @@ def test_failed_export_leaves_no_artifact(tmp_path, trained_run):
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(PipelineError, match="no trained model"):
         export(load_config(), tmp_path / "nothing", tmp_path / "artifact")
+
+
+def broken_model(tmp_path, trained_run, kind):
+    """A copy of the trained model directory, damaged one way."""
+    import shutil
+
+    train_dir = tmp_path / "train"
+    shutil.copytree(trained_run.out / "model", train_dir / "model")
+    weights, info_path = train_dir / "model" / "weights.npz", train_dir / "model" / "model.json"
+    info = json.loads(info_path.read_text())
+    if kind == "nan":  # a diverged model, recorded consistently
+        from deploy.artifact import sha256_file
+
+        arrays = dict(np.load(weights))
+        arrays["model/0"] = np.full_like(arrays["model/0"], np.nan)
+        np.savez(weights, **arrays)
+        info_path.write_text(json.dumps({**info, "weights_sha256": sha256_file(weights)}))
+    elif kind == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif kind == "bad json":
+        info_path.write_text('{"architecture": ')
+    elif kind == "no hash":
+        info.pop("weights_sha256")
+        info_path.write_text(json.dumps(info))
+    return train_dir
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("nan", "weight arrays hold NaN or Inf (diverged model)"),
+        ("truncated", "weights.npz: SHA-256 does not match model.json"),
+        ("bad json", "model.json: unreadable JSON"),
+        ("no hash", "records no weights_sha256"),
+    ],
+)
+@pytest.mark.parametrize("stage", ["evaluate", "export"])
+def test_broken_model_files_are_one_line_and_nothing_is_written(
+    tmp_path, capsys, small_dataset, trained_run, kind, message, stage
+):
+    from pipeline.cli import main
+    from tests.helpers import single_error_line
+
+    train_dir = broken_model(tmp_path, trained_run, kind)
+    out = tmp_path / "out"
+    argv = {
+        "evaluate": ["evaluate", "--data", str(small_dataset), "--model", str(train_dir), "--out", str(out)],
+        "export": ["export", "--model", str(train_dir), "--out", str(out)],
+    }[stage]
+    assert main(argv) == 2
+    assert message in single_error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_verify_refuses_non_finite_outputs(artifact):
+    z = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+
+    def nan_reference(chunk, outputs):
+        return np.full_like(outputs[0], np.nan)
+
+    # Before: max(0.0, nan) is 0.0, and a NaN model passed with "max difference 0.0e+00".
+    with pytest.raises(PipelineError, match="NaN or Inf outputs; not exported"):
+        verify(artifact.out / "decoder.onnx", nan_reference, z, tolerance=1e-5)
+
+
+def test_a_file_dropped_into_the_artifact_stops_its_replacement(tmp_path, capsys, artifact, trained_run):
+    import shutil
+
+    from pipeline.cli import main
+    from tests.helpers import single_error_line, tree_snapshot
+
+    out = tmp_path / "artifact"
+    shutil.copytree(artifact.out, out)
+    (out / "notes.txt").write_text("mine")
+    before = tree_snapshot(out)
+    assert main(["export", "--model", str(trained_run.out), "--out", str(out)]) == 2
+    assert "holds files the export stage did not write (notes.txt)" in single_error_line(capsys.readouterr().err)
+    assert tree_snapshot(out) == before

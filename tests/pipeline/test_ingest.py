@@ -1,16 +1,20 @@
 import gzip
+import hashlib
 import json
 import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.dataset import content_sha256, read_split
 from pipeline.errors import PipelineError
-from pipeline.ingest import content_sha256, ingest, read_split
+from pipeline.ingest import ingest
 from pipeline.progressive import ProgressiveArray
-from pipeline.schema import IDX_FILES, MANIFEST_FILE
+from pipeline.schema import FULL_SPLIT_ROWS, IDX_FILES, MANIFEST_FILE
 from tests.helpers import (
     REAL_DATA_DIR,
     has_real_data,
@@ -245,3 +249,89 @@ def test_real_fashion_mnist_full_ingest(tmp_path):
     assert len(list((result.out / "train").glob("*.parquet"))) == 6
     images, labels = read_split(result.out, "test")
     assert images.shape == (10000, 28, 28) and labels[:3].tolist() == [9, 2, 1]
+
+
+# The files Zalando published were gzipped on 2017-08-31 with their names in the header.
+# The Debian package keeps their deflate streams but rewrote the header (no name, the
+# packaging date), so the originals, which tfds' registered checksums describe, are
+# Debian's bytes after the 10-byte header under the original header.
+ORIGINAL_GZIP_MTIME = {"train": 1504176606, "t10k": 1504176627}
+TFDS_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+
+
+def original_gzip(path):
+    data = path.read_bytes()
+    assert data[:4] == b"\x1f\x8b\x08\x00"  # gzip, deflate, no optional fields
+    name = path.name.removesuffix(".gz")
+    mtime = ORIGINAL_GZIP_MTIME[name.split("-")[0]]
+    return b"\x1f\x8b\x08\x08" + struct.pack("<I", mtime) + b"\x00\x03" + name.encode() + b"\x00" + data[10:]
+
+
+@pytest.fixture
+def dataset_proxy(monkeypatch):
+    """A forward HTTP proxy on 127.0.0.1 standing in for the dataset's server: tfds' real
+    download code reaches it through the standard http_proxy variable. Serves the files
+    in `proxy.files` (name -> bytes), 404 for anything else; records what was asked."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            proxy.requests.append(self.path)
+            body = proxy.files.get(self.path.rsplit("/", 1)[-1]) if self.path.startswith(TFDS_URL) else None
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    proxy.files, proxy.requests = {}, []
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{proxy.server_address[1]}"
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", url)
+    monkeypatch.setenv("HTTP_PROXY", url)
+    yield proxy
+    proxy.shutdown()
+
+
+def row_digests(images, labels):
+    """The multiset of (image, label) rows, order-free: tfds stores examples shuffled."""
+    return sorted(hashlib.sha1(image.tobytes() + bytes([label])).digest() for image, label in zip(images, labels, strict=True))
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not has_real_data(), reason="Debian dataset-fashion-mnist not installed")
+def test_tfds_source_downloads_verifies_and_reads_the_real_files(tmp_path, dataset_proxy):
+    from pipeline.sources import load_idx_dir, load_tfds
+
+    names = [name for pair in IDX_FILES.values() for name in pair]
+    dataset_proxy.files = {name: original_gzip(REAL_DATA_DIR / name) for name in names}
+    source = load_tfds(str(tmp_path / "tfds"))  # tfds checks each file's registered SHA-256
+    assert sorted(dataset_proxy.requests) == sorted(TFDS_URL + name for name in names)
+    assert source.kind == "tfds"
+    with ThreadPoolExecutor(2) as pool:
+        idx = load_idx_dir(REAL_DATA_DIR, pool)
+        for split in ("train", "test"):
+            images, labels = source.splits[split]
+            assert len(labels) == FULL_SPLIT_ROWS[split]
+            idx_images, idx_labels = idx.splits[split]
+            assert row_digests(images.rows(), labels) == row_digests(idx_images.rows(), idx_labels)
+
+
+def test_tfds_download_failure_is_one_line(tmp_path, capsys, dataset_proxy):
+    from pipeline.sources import load_tfds
+
+    with pytest.raises(PipelineError) as info:  # the proxy has no files: every URL is a 404
+        load_tfds(str(tmp_path / "tfds"))
+    message = str(info.value)
+    assert message.startswith("tfds fashion_mnist: ") and "404" in message and "\n" not in message
+    assert dataset_proxy.requests and all(r.startswith(TFDS_URL) for r in dataset_proxy.requests)
+    assert capsys.readouterr().out == ""  # tfds' own notices stay off stdout

@@ -58,6 +58,18 @@ def test_full_run_then_cached_rerun(tmp_path, source, ray_local):
     stages, _ = statuses(forced.run_dir)
     assert stages["train"] == ("complete", True) and stages["evaluate"] == ("complete", False)
 
+    # A Parquet file truncated inside the finished run: the dataset is rebuilt (its
+    # manifest comes out the same, so later stages stay cached), never "up to date".
+    part = sorted((result.run_dir / "data" / "train").iterdir())[0]
+    part.write_bytes(part.read_bytes()[:-100])
+    healed = run_pipeline(config, runs_root=tmp_path / "runs", run_dir=result.run_dir)
+    stages, _ = statuses(healed.run_dir)
+    assert stages["ingest"] == ("complete", False)
+    assert [stages[n] for n in ("train", "evaluate", "export")] == [("complete", True)] * 3
+    from pipeline.dataset import check_dataset
+
+    check_dataset(result.run_dir / "data", full=True)
+
 
 def test_failed_stage_keeps_earlier_outputs_and_rerun_resumes_there(tmp_path, source, ray_local):
     run_dir = tmp_path / "run"
@@ -101,3 +113,28 @@ def test_run_killed_mid_train_is_resumed_not_taken_as_complete(tmp_path, source)
     summary = json.loads((run_dir / "train" / "train.json").read_text())
     assert summary["resumed_from"] is not None and summary["worker_group_starts"][0] >= 2
     assert summary["epochs"] == 12
+
+
+def test_a_directory_that_is_not_a_run_is_refused_untouched(tmp_path, capsys):
+    from pipeline.cli import main
+    from tests.helpers import single_error_line, tree_snapshot
+
+    target = tmp_path / "documents"
+    target.mkdir()
+    (target / "run.json").write_text('{"mine": true}')
+    (target / "data").mkdir()
+    (target / "data" / "notes.txt").write_text("keep")
+    before = tree_snapshot(target)
+    assert main(["run", "--run-dir", str(target)]) == 2
+    assert "not a run directory of this pipeline" in single_error_line(capsys.readouterr().err)
+    assert tree_snapshot(target) == before
+
+
+def test_a_latest_that_is_not_a_link_is_never_replaced(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "latest").write_text("my notes, not a link")
+    with pytest.raises(PipelineError, match="latest: exists and is not a symbolic link"):
+        run_pipeline(load_config(), runs_root=runs)
+    assert (runs / "latest").read_text() == "my notes, not a link"
+    assert sorted(p.name for p in runs.iterdir()) == ["latest"]

@@ -1,19 +1,23 @@
 import json
+import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.schema import METRICS_FILE, MODEL_DIR, TRAIN_SUMMARY_FILE
 from pipeline.train import find_latest_checkpoint, train
+from tests.helpers import single_error_line
 
 TINY = ["model.preset=seed", "model.latent_dim=4", "train.batch_size=64"]
 
 
 def history(out):
-    return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
 
 
 def test_two_workers_lower_the_loss_and_keep_replicas_identical(trained_run):
@@ -132,3 +136,63 @@ def test_shard_cache_gives_up_when_too_big_or_short():
     short.add(images)
     short.seal(min_rows=11)
     assert short.images is None
+
+
+def test_diverging_training_stops_in_one_line_and_writes_no_model(tmp_path, capsys, small_dataset, ray_local):
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(small_dataset), "--out", str(out), "--epochs", "3"]
+    for item in [*TINY, "train.learning_rate=1"]:  # seeded: diverges within the first chunk
+        argv += ["--set", item]
+    assert main(argv) == 2
+    line = single_error_line(capsys.readouterr().err)
+    assert re.search(r"training diverged: non-finite weights within steps 1-8 of 16 in epoch 1", line), line
+    assert not (out / MODEL_DIR).exists() and not (out / TRAIN_SUMMARY_FILE).exists()
+    assert history(out) == []  # no epoch was reported
+
+
+def test_batch_larger_than_the_split_is_refused_before_anything_runs(tmp_path, capsys, small_dataset):
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(small_dataset), "--out", str(out), "--set", "train.batch_size=2048"]
+    assert main(argv) == 2
+    line = single_error_line(capsys.readouterr().err)
+    assert "train.batch_size 2048 does not fit the training split: 1024 rows over 2 workers" in line
+    assert not out.exists()
+
+
+def copy_of_trained_run(trained_run, target):
+    """The session's trained output (3 epochs of the TRAINED_RUN config), to resume from."""
+    import shutil
+
+    shutil.copytree(trained_run.out, target, symlinks=True)
+    return target
+
+
+# The config of conftest's trained_run; resuming it needs the same architecture.
+TRAINED_RUN = ["model.preset=seed", "model.latent_dim=4", "model.context=above", "train.batch_size=64"]
+
+
+def test_resume_from_a_non_finite_checkpoint_is_refused_before_ray(tmp_path, small_dataset, trained_run):
+    out = copy_of_trained_run(trained_run, tmp_path / "run")
+    checkpoint = Path(find_latest_checkpoint(str(out / "ray")))
+    state = dict(np.load(checkpoint / "state.npz"))
+    state["model/0"] = np.full_like(state["model/0"], np.nan)
+    np.savez(checkpoint / "state.npz", **state)
+    with pytest.raises(PipelineError, match="checkpoint holds NaN or Inf"):
+        train(load_config(overrides=[*TRAINED_RUN, "train.epochs=4"]), small_dataset, out, resume=True)
+
+
+def test_a_user_error_raised_in_a_worker_comes_back_as_its_own_line(tmp_path, small_dataset, trained_run):
+    """The checkpoint lives behind a URI, so only the workers read it: a damaged one
+    fails inside Ray Train, and its PipelineError must reach the user unwrapped."""
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(trained_run.out / "ray", store)
+    state = Path(find_latest_checkpoint(str(store))) / "state.npz"
+    state.write_bytes(b"not a zip file")
+    overrides = [*TRAINED_RUN, f"train.storage_path=file://{store}", "train.epochs=4", "train.max_failures=0"]
+    with pytest.raises(PipelineError) as info:
+        train(load_config(overrides=overrides), small_dataset, tmp_path / "run", resume=True)
+    message = str(info.value)
+    assert "state.npz: unreadable weights file" in message and "\n" not in message
+    assert not (tmp_path / "run" / TRAIN_SUMMARY_FILE).exists()

@@ -1,0 +1,155 @@
+"""Which paths a stage may write: a new path, an empty directory, or its own earlier output.
+
+Every stage output directory holds a marker file (`schema.OUTPUT_MARKER`) naming the
+stage that wrote it and every path it owns there. A stage replaces, or for training adds
+to, only a directory whose marker names the same stage and which holds nothing else.
+Anything else at the output path (a file, a directory of other files, another stage's
+output, a file dropped into an earlier output) is refused with one line naming the
+path, and left exactly as it was. The check runs before a stage spends any time, and
+again just before a finished output is swapped in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.errors import PipelineError
+from pipeline.schema import OUTPUT_FORMAT, OUTPUT_MARKER
+
+MAX_LISTED = 3  # foreign paths named in a refusal
+
+
+def resolve_target(target: Path) -> Path:
+    """The path a stage writes: a symbolic link's destination, or `target` itself."""
+    target = Path(target)
+    return Path(os.path.realpath(target)) if target.is_symlink() else target
+
+
+def read_marker(directory: Path) -> dict[str, Any] | None:
+    """The marker of an output directory, or None when it has none (or an unreadable one)."""
+    path = Path(directory) / OUTPUT_MARKER
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != OUTPUT_FORMAT:
+        return None
+    return marker
+
+
+def write_marker(directory: Path, stage: str, owned: list[str]) -> None:
+    """Record that `stage` wrote `directory` and owns the relative paths `owned` in it
+    (a directory in `owned` covers everything below it)."""
+    from pipeline.atomic import write_json
+
+    marker = {
+        "format": OUTPUT_FORMAT,
+        "stage": stage,
+        "written_by": f"vae-pipeline {__version__}",
+        "owned": sorted(set(owned)),
+    }
+    write_json(Path(directory) / OUTPUT_MARKER, marker)
+
+
+def files_below(directory: Path) -> list[str]:
+    """Every non-directory path under `directory`, relative, with "/" separators."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        dirs.sort()
+        base = Path(root).relative_to(directory)
+        # A symbolic link to a directory is listed, not followed: it is a path like a file.
+        links = [d for d in dirs if (Path(root) / d).is_symlink()]
+        found += [(base / name).as_posix() for name in sorted(files + links)]
+    return found
+
+
+def is_owned(relative: str, owned: set[str]) -> bool:
+    """Whether `relative` is an owned path, lies below one, or is a leftover of writing
+    an owned top-level name through a temporary path (`.NAME.tmp-*`, `.NAME.XXXXXX`)."""
+    parts = relative.split("/")
+    if any("/".join(parts[:depth]) in owned for depth in range(1, len(parts) + 1)):
+        return True
+    top = parts[0]
+    return top.startswith(".") and any(top[1:].startswith(name + ".") for name in owned)
+
+
+def foreign_paths(directory: Path, marker: dict[str, Any]) -> list[str]:
+    """Paths under `directory` that its marker does not claim."""
+    owned = {*marker.get("owned", []), OUTPUT_MARKER}
+    return [path for path in files_below(directory) if not is_owned(path, owned)]
+
+
+def check_output(target: Path, stage: str) -> bool:
+    """Raise PipelineError unless `stage` may write `target`; True when `target` already
+    holds that stage's own earlier output, False when it is new or an empty directory.
+
+    Also makes sure the parent directory exists and is writable, so that a stage fails
+    here, before its work, rather than after it.
+    """
+    target = resolve_target(target)
+    existing = False
+    if target.exists() or target.is_symlink():
+        existing = _check_existing(target, stage)
+    _check_writable(target.parent)
+    return existing
+
+
+def _check_existing(target: Path, stage: str) -> bool:
+    if not target.is_dir():
+        raise PipelineError(f"{target}: exists and is not a directory; refusing to replace it")
+    try:
+        empty = not any(target.iterdir())
+    except OSError as exc:
+        raise PipelineError(f"{target}: cannot read ({exc.strerror})") from exc
+    if empty:
+        return False
+    marker = read_marker(target)
+    if marker is None:
+        raise PipelineError(
+            f"{target}: exists and was not written by vae-pipeline (no {OUTPUT_MARKER}); "
+            "refusing to touch it: choose another output path, or move its contents away"
+        )
+    if marker.get("stage") != stage:
+        raise PipelineError(
+            f"{target}: holds the output of the {marker.get('stage')} stage, not {stage}; "
+            "refusing to replace it"
+        )
+    foreign = foreign_paths(target, marker)
+    if foreign:
+        more = f" and {len(foreign) - MAX_LISTED} more" if len(foreign) > MAX_LISTED else ""
+        raise PipelineError(
+            f"{target}: holds files the {stage} stage did not write "
+            f"({', '.join(foreign[:MAX_LISTED])}{more}); refusing to replace it: move them away first"
+        )
+    return True
+
+
+def _check_writable(parent: Path) -> None:
+    blocking = next((p for p in [parent, *parent.parents] if p.exists() or p.is_symlink()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise PipelineError(f"{blocking}: is not a directory, so nothing can be written below it")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=".vae-pipeline-probe-", dir=parent)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise PipelineError(f"{parent}: cannot write output here ({exc.strerror or exc})") from exc
+
+
+def claim_output(target: Path, stage: str, owned: list[str]) -> Path:
+    """For a stage that writes in place (training): check `target`, create it, and write
+    its marker before anything else, so that an interrupted run is still recognised as
+    the stage's own. Returns the directory written."""
+    check_output(target, stage)
+    target = resolve_target(target)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"{target}: cannot create ({exc.strerror or exc})") from exc
+    write_marker(target, stage, owned)
+    return target
