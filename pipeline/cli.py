@@ -43,15 +43,20 @@ def _flag_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[s
 
 
 def build_config(args: argparse.Namespace, flags: dict[str, str]) -> Config:
-    """Defaults <- environment <- --config file <- --set <- flags."""
+    """Defaults <- environment <- --config file <- --set <- flags. Validated here, before
+    any stage module (and with it TensorFlow, 7-11 s) is imported: a bad value fails at once."""
     base = {"train": {"address": os.environ["RAY_ADDRESS"]}} if os.environ.get("RAY_ADDRESS") else {}
-    return load_config(args.config, [*args.overrides, *_flag_overrides(args, flags)], base=base)
+    config = load_config(args.config, [*args.overrides, *_flag_overrides(args, flags)], base=base)
+    if args.command in ("train", "evaluate", "export", "run") and not args.verbose:
+        from pipeline.quiet import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
+    return config
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from pipeline.ingest import ingest
-
     config = build_config(args, {"source": "data.source", "limit": "data.limit"})
+    from pipeline.ingest import ingest
     result = ingest(config, args.out, force=args.force)
     rows = result.manifest["rows"]
     verb = "unchanged" if result.skipped else "written"
@@ -69,9 +74,8 @@ TRAIN_FLAGS = {
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.train import train
-
     config = build_config(args, TRAIN_FLAGS)
+    from pipeline.train import train
     result = train(config, args.data, args.out, resume=args.resume, verbose=args.verbose)
     final = result.summary["final_metrics"]
     print(
@@ -82,9 +86,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import evaluate
-
     config = build_config(args, {"iwae_k": "evaluate.iwae_k", "address": "train.address"})
+    from pipeline.evaluate import evaluate
     result = evaluate(config, args.data, args.model, args.out, verbose=args.verbose)
     test = result.report["test"]
     print(
@@ -96,9 +99,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.export import export
-
     config = build_config(args, {})
+    from pipeline.export import export
     result = export(config, args.model, args.out, data_dir=args.data, eval_dir=args.report)
     worst = max(result.card["verification"]["max_abs_difference"].values())
     print(f"artifact written: {result.out} (onnxruntime vs Keras max difference {worst:.1e})")
@@ -106,9 +108,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.run import run_pipeline
-
     config = build_config(args, {})
+    from pipeline.run import run_pipeline
     runs_root = args.runs_root.expanduser()
     run_dir = args.run_dir.expanduser() if args.run_dir else None
     result = run_pipeline(config, runs_root, run_dir, force=args.force, verbose=args.verbose)
@@ -249,10 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     # TensorFlow's C++ start-up chatter (CPU features, missing CUDA) is not for users.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if args.verbose else "3")
-    if args.command in ("train", "evaluate", "export", "run") and not args.verbose:
-        from pipeline.quiet import import_tensorflow_quietly
-
-        import_tensorflow_quietly()
     try:
         return args.func(args)
     except PipelineError as exc:

@@ -26,8 +26,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-PRESETS = ("default", "seed")
-CONTEXTS = ("none", "above", "rows")  # vae.config.CONTEXTS, without importing Keras here
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -67,27 +65,21 @@ class ModelConfig:
     beta: float = 1.0  # weight of the KL term; 1.0 gives the true ELBO
 
     def __post_init__(self) -> None:
-        _check(self.preset in PRESETS, "model.preset", f"must be one of {PRESETS}")
-        _check(self.latent_dim is None or self.latent_dim >= 1, "model.latent_dim", "must be >= 1")
-        _check(
-            self.filters is None or (len(self.filters) == 2 and min(self.filters) >= 1),
-            "model.filters",
-            "must be two positive integers (one per stride-2 stage)",
-        )
-        _check(
-            self.convs_per_stage is None or self.convs_per_stage >= 1,
-            "model.convs_per_stage",
-            "must be >= 1",
-        )
-        _check(self.dense_units is None or self.dense_units >= 1, "model.dense_units", "must be >= 1")
-        _check(0 < self.beta <= 1000, "model.beta", "must be > 0 and <= 1000")
-        _check(self.context is None or self.context in CONTEXTS, "model.context", f"must be one of {list(CONTEXTS)}")
+        # The architecture is checked by building it: vae.config holds the one definition
+        # of presets, contexts, activations and ranges (and imports without Keras).
+        from vae.config import PRESETS, VAEConfig
+
+        _check(self.preset in PRESETS, "model.preset", f"must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        try:
+            VAEConfig.from_dict(self.architecture())
+        except ValueError as exc:
+            raise PipelineError(f"config: model.{exc}") from None
 
     def architecture(self) -> dict[str, Any]:
         """The preset's architecture with this section's overrides applied (a `VAEConfig` dict)."""
         from vae.config import preset
 
-        base = dataclasses.asdict(preset(self.preset))
+        base = preset(self.preset).to_dict()
         for name in ("latent_dim", "filters", "convs_per_stage", "dense_units", "activation", "context"):
             value = getattr(self, name)
             if value is not None:

@@ -1,48 +1,47 @@
 """A Keras 3 convolutional VAE for 28x28 greyscale images, and its bounds.
 
-Pure model code: no Ray, no file paths, no command line.
+Pure model code: no Ray, no file paths, no command line. `vae.config` (the
+architecture and its presets) imports without Keras; the names below load their
+modules, and with them Keras and TensorFlow, on first use.
 """
 
-from vae.config import VAEConfig, preset
-from vae.model import (
-    VAE,
-    ContextFill,
-    Sampling,
-    build_decoder,
-    build_encoder,
-    build_vae,
-    probability_decoder,
-)
-from vae.objective import (
-    bernoulli_log_likelihood,
-    free_bits_kl,
-    gaussian_log_density,
-    iwae_bound,
-    kl_divergence,
-    kl_per_dimension,
-    neg_elbo,
-    reparameterize,
-)
-from vae.state import get_state, set_state
+from __future__ import annotations
 
-__all__ = [
-    "VAE",
-    "ContextFill",
-    "Sampling",
-    "VAEConfig",
-    "bernoulli_log_likelihood",
-    "build_decoder",
-    "build_encoder",
-    "build_vae",
-    "gaussian_log_density",
-    "get_state",
-    "iwae_bound",
-    "free_bits_kl",
-    "kl_divergence",
-    "kl_per_dimension",
-    "neg_elbo",
-    "preset",
-    "probability_decoder",
-    "reparameterize",
-    "set_state",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "VAEConfig": "vae.config",
+    "preset": "vae.config",
+    "VAE": "vae.model",
+    "ContextFill": "vae.model",
+    "Sampling": "vae.model",
+    "build_decoder": "vae.model",
+    "build_encoder": "vae.model",
+    "build_vae": "vae.model",
+    "probability_decoder": "vae.model",
+    "bernoulli_log_likelihood": "vae.objective",
+    "free_bits_kl": "vae.objective",
+    "gaussian_log_density": "vae.objective",
+    "iwae_bound": "vae.objective",
+    "kl_divergence": "vae.objective",
+    "kl_per_dimension": "vae.objective",
+    "neg_elbo": "vae.objective",
+    "reparameterize": "vae.objective",
+    "get_state": "vae.state",
+    "set_state": "vae.state",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vae' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

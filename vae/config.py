@@ -1,4 +1,9 @@
-"""The architecture of a VAE as a small frozen dataclass, and the named presets."""
+"""The architecture of a VAE as a small frozen dataclass, and the named presets.
+
+The one definition of what a valid architecture is: the pipeline validates its model
+section by building a `VAEConfig`. Imports without Keras. Each error message starts
+with the field's name.
+"""
 
 from __future__ import annotations
 
@@ -48,14 +53,14 @@ class VAEConfig:
             raise ValueError(f"dense_units must be >= 1, got {self.dense_units}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0 < self.beta <= 1000:
+            raise ValueError(f"beta must be > 0 and <= 1000, got {self.beta}")
         if self.context not in CONTEXTS:
             raise ValueError(f"context must be one of {sorted(CONTEXTS)}, got {self.context!r}")
         if self.context != "none" and self.image_shape[2] != 1:
-            raise ValueError("a pixel context needs single-channel images")
+            raise ValueError(f"context {self.context!r} needs single-channel images, got {self.image_shape}")
         if self.image_shape[0] % 4 or self.image_shape[1] % 4:
-            raise ValueError(f"image height and width must be multiples of 4, got {self.image_shape}")
+            raise ValueError(f"image_shape height and width must be multiples of 4, got {self.image_shape}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -37,12 +39,10 @@ def test_yaml_file_is_read(tmp_path):
         ("train.epochs=abc", "train.epochs must be an integer"),
         ("train.steps_per_execution=0", "train.steps_per_execution must be >= 1"),
         ("train.learning_rate=-1", "train.learning_rate must be > 0"),
-        ("model.preset=huge", "model.preset must be one of"),
         ("data.source=http://x", "data.source must be"),
         ("train.batch_size=129", "train.batch_size (129) must be a multiple of train.num_workers"),
         ("train.use_gpu=1", "train.use_gpu must be true or false"),
         ("export.opset=13", "export.opset must be >= 17"),
-        ("model.context=left", "model.context must be one of"),
         ("train.learning_rate=Infinity", "train.learning_rate must be a finite number, got inf"),
         ("train.learning_rate=NaN", "train.learning_rate must be a finite number, got nan"),
         ("train.learning_rate=2", "train.learning_rate must be > 0 and <= 1"),
@@ -89,11 +89,42 @@ def test_model_section_resolves_preset_with_overrides():
     assert load_config(overrides=["model.preset=seed", "model.context=above"]).model.architecture()["context"] == "above"
 
 
-def test_context_names_match_the_model_package():
-    from pipeline.config import CONTEXTS as PIPELINE_CONTEXTS
-    from vae.config import CONTEXTS
+MODEL_KEY_ERRORS = [
+    ("model.preset=huge", "model.preset must be one of ['default', 'seed'], got 'huge'"),
+    ("model.latent_dim=0", "model.latent_dim must be >= 1, got 0"),
+    ("model.filters=[8]", "model.filters must be two positive integers, got (8,)"),
+    ("model.filters=[8, 0]", "model.filters must be two positive integers, got (8, 0)"),
+    ("model.convs_per_stage=0", "model.convs_per_stage must be >= 1, got 0"),
+    ("model.dense_units=0", "model.dense_units must be >= 1, got 0"),
+    ("model.activation=tanhh", "model.activation must be one of ('relu', 'elu', 'gelu', 'swish'), got 'tanhh'"),
+    ("model.context=left", "model.context must be one of ['above', 'none', 'rows'], got 'left'"),
+    ("model.beta=0", "model.beta must be > 0 and <= 1000, got 0.0"),
+    ("model.beta=1001", "model.beta must be > 0 and <= 1000, got 1001.0"),
+]
 
-    assert tuple(CONTEXTS) == PIPELINE_CONTEXTS
+
+@pytest.mark.parametrize(("override", "message"), MODEL_KEY_ERRORS)
+def test_every_model_key_is_checked_by_the_model_definition_itself(override, message):
+    with pytest.raises(PipelineError) as info:
+        load_config(overrides=[override])
+    assert str(info.value) == f"config: {message}"
+
+
+def test_a_bad_model_key_fails_on_the_command_line_without_keras_or_ray():
+    """`--set model.activation=tanhh` once passed validation and failed in a Ray worker
+    two minutes later; now it is one line, exit 2, and neither Keras nor Ray is loaded."""
+    code = (
+        "import sys\n"
+        "from pipeline.cli import main\n"
+        "codes = [main(['train', '--data', 'nowhere', '--out', 'nowhere', '--set', o]) for o in sys.argv[1:]]\n"
+        "loaded = sorted(m for m in ('keras', 'tensorflow', 'ray') if m in sys.modules)\n"
+        "print(codes, loaded)\n"
+    )
+    overrides = [override for override, _ in MODEL_KEY_ERRORS]
+    result = subprocess.run([sys.executable, "-c", code, *overrides], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == f"{[2] * len(overrides)} []", result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"vae-pipeline: error: config: {message}" for _, message in MODEL_KEY_ERRORS]
 
 
 def test_config_dict_is_json_ready():

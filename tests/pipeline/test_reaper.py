@@ -8,7 +8,7 @@ import time
 
 import psutil
 
-from pipeline.schema import METRICS_FILE
+from pipeline.reaper import POLL_S
 
 GONE_WITHIN_S = 20
 
@@ -28,11 +28,19 @@ def test_no_ray_process_outlives_a_cli_killed_with_sigkill(tmp_path, small_datas
     env = {**os.environ, "RAY_ADDRESS": ""}
     cli = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
-        metrics = out / METRICS_FILE
-        wait_for(lambda: metrics.is_file() and metrics.read_text().strip(), 300, "training never started")
+        # Kill once the whole local Ray is up, agents included (they are what outlived
+        # the CLI before): no need to wait for training itself.
+        def ray_is_up():
+            assert cli.poll() is None, "the CLI ended before its Ray was up"
+            try:
+                commands = " ".join(" ".join(p.cmdline()) for p in psutil.Process(cli.pid).children(recursive=True))
+            except psutil.Error:
+                return False
+            return all(name in commands for name in ("raylet", "gcs_server", "DashboardAgent", "RuntimeEnvAgent"))
+
+        wait_for(ray_is_up, 300, "the CLI never started a local Ray with its agents")
+        time.sleep(2 * POLL_S)  # the watchdog notes descendants once per POLL_S
         descendants = psutil.Process(cli.pid).children(recursive=True)
-        names = " ".join(p.name() for p in descendants)
-        assert "raylet" in names and "gcs_server" in names, names  # a local Ray, started by the CLI
         os.kill(cli.pid, signal.SIGKILL)  # nothing in the CLI runs: only the watchdog can clean up
         cli.wait(timeout=60)
         _, alive = psutil.wait_procs(descendants, timeout=GONE_WITHIN_S)

@@ -92,7 +92,7 @@ def test_unknown_force_stage_is_an_error(tmp_path):
 
 def test_run_killed_mid_train_is_resumed_not_taken_as_complete(tmp_path, source):
     run_dir = tmp_path / "run"
-    overrides = small(source, "train.epochs=12", "data.limit=2048")
+    overrides = small(source, "train.epochs=6", "data.limit=1024")
     command = [sys.executable, "-m", "pipeline.cli", "run", "--run-dir", str(run_dir)]
     for item in overrides:
         command += ["--set", item]
@@ -112,7 +112,7 @@ def test_run_killed_mid_train_is_resumed_not_taken_as_complete(tmp_path, source)
     assert result.stdout.strip().splitlines()[-1] == f"artifact: {run_dir / 'artifact'}"
     summary = json.loads((run_dir / "train" / "train.json").read_text())
     assert summary["resumed_from"] is not None and summary["worker_group_starts"][0] >= 2
-    assert summary["epochs"] == 12
+    assert summary["epochs"] == 6
 
 
 def test_a_directory_that_is_not_a_run_is_refused_untouched(tmp_path, capsys):

@@ -22,17 +22,28 @@ def free_port():
         return s.getsockname()[1]
 
 
-def stop_cluster(temp_dir):
-    """Kill only the processes of the Ray started with `temp_dir` (`ray stop` kills every Ray)."""
+def stop_cluster(temp_dir, gcs_port):
+    """Kill only the processes of the Ray started with `temp_dir` (`ray stop` kills every
+    Ray): those naming its temp dir or its GCS port (the Ray client server), with every
+    descendant (the agents rename themselves `ray::...` and would outlive the raylet)."""
     import psutil
 
-    victims = []
+    victims = {}
     for process in psutil.process_iter(["cmdline"]):
-        if any(str(temp_dir) in part for part in process.info["cmdline"] or []):
-            victims.append(process)
-    for process in victims:
-        process.kill()
-    psutil.wait_procs(victims, timeout=30)
+        command = " ".join(process.info["cmdline"] or [])
+        if str(temp_dir) in command or f":{gcs_port} " in f"{command} ":
+            try:
+                for found in [process, *process.children(recursive=True)]:
+                    victims[found.pid] = found
+            except psutil.Error:
+                continue
+    for process in victims.values():
+        try:
+            process.kill()
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(list(victims.values()), timeout=30)
+    assert alive == [], alive
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +64,7 @@ def ray_head(tmp_path_factory):
         check=True, capture_output=True, env=env, timeout=180,
     )
     yield f"http://127.0.0.1:{dashboard}"
-    stop_cluster(temp)
+    stop_cluster(temp, port)
 
 
 def test_flattened_config_reads_back_identically():
