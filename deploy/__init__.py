@@ -7,8 +7,19 @@
 This package never imports TensorFlow, Keras, Ray or the training code.
 """
 
+from typing import Any
+
 from deploy.artifact import ArtifactError, verify_checksums
-from deploy.generator import Generator
 
 __all__ = ["ArtifactError", "Generator", "verify_checksums"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Generator loads onnxruntime: only when asked for, so that the artifact's names
+    # (deploy.artifact, which the pipeline shares) cost nothing to import.
+    if name == "Generator":
+        from deploy.generator import Generator
+
+        return Generator
+    raise AttributeError(f"module 'deploy' has no attribute {name!r}")

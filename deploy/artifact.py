@@ -8,6 +8,7 @@ from pathlib import Path
 CHECKSUMS_FILE = "SHA256SUMS"
 DECODER_FILE = "decoder.onnx"
 ENCODER_FILE = "encoder.onnx"
+IMAGE_SHAPE = (28, 28, 1)  # one image, as both ONNX files take or give it
 
 
 class ArtifactError(ValueError):

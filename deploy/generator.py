@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from deploy.artifact import DECODER_FILE, ENCODER_FILE, ArtifactError, verify_checksums
+from deploy.artifact import DECODER_FILE, ENCODER_FILE, IMAGE_SHAPE, ArtifactError, verify_checksums
 
-IMAGE_SHAPE = (28, 28, 1)
 MIN_CHUNK_ROWS = 32  # smaller chunks cost more in thread hand-offs than they gain
 STREAM_BATCH = 1024  # images decoded per call by `sample_batches`: memory stays flat in n
 

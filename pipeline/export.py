@@ -32,6 +32,7 @@ from pipeline.schema import (
     CONFIG_FILE,
     DECODER_ONNX,
     ENCODER_ONNX,
+    IMAGE_TENSOR_SHAPE,
     MODEL_CARD_JSON,
     MODEL_CARD_MD,
     REPORT_JSON,
@@ -166,9 +167,9 @@ def verification_images(data_dir: Path | None, count: int, seed: int) -> np.ndar
         log.warning("export: the test split has %d images; topping up with random ones", len(images))
         real = images[..., None].astype(np.float32) / 255.0
     else:
-        real = np.zeros((0, 28, 28, 1), np.float32)
+        real = np.zeros((0, *IMAGE_TENSOR_SHAPE), np.float32)
     rng = np.random.default_rng(seed)
-    return np.concatenate([real, rng.uniform(size=(count - len(real), 28, 28, 1)).astype(np.float32)])
+    return np.concatenate([real, rng.uniform(size=(count - len(real), *IMAGE_TENSOR_SHAPE)).astype(np.float32)])
 
 
 def export(
@@ -266,10 +267,10 @@ def model_card(model, metadata, checks, generated, evaluation, export_config) ->
         "files": {
             DECODER_ONNX: {
                 "inputs": {"z": {"shape": ["batch", latent], "dtype": "float32"}},
-                "outputs": {"image": {"shape": ["batch", 28, 28, 1], "dtype": "float32", "range": [0, 1]}},
+                "outputs": {"image": {"shape": ["batch", *IMAGE_TENSOR_SHAPE], "dtype": "float32", "range": [0, 1]}},
             },
             ENCODER_ONNX: {
-                "inputs": {"image": {"shape": ["batch", 28, 28, 1], "dtype": "float32", "range": [0, 1]}},
+                "inputs": {"image": {"shape": ["batch", *IMAGE_TENSOR_SHAPE], "dtype": "float32", "range": [0, 1]}},
                 "outputs": {
                     "z_mean": {"shape": ["batch", latent], "dtype": "float32"},
                     "z_log_var": {"shape": ["batch", latent], "dtype": "float32"},

@@ -251,7 +251,7 @@ def can_resume_training(run_dir: Path, entry: dict[str, Any], key: str) -> bool:
     if entry.get("key") != key or entry.get("status") == "complete":
         return False
     config = Config.from_dict(entry["config"]) if "config" in entry else None
-    storage = storage_location(config, run_dir / "train") if config else str(run_dir / "train" / "ray")
+    storage = storage_location(config or Config(), run_dir / "train")
     return find_latest_checkpoint(storage) is not None
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+# The artifact's file names and image shape belong to `deploy` (which never imports the pipeline).
+from deploy import artifact as _artifact
+
 IMAGE_HEIGHT = 28
 IMAGE_WIDTH = 28
 IMAGE_SHAPE = (IMAGE_HEIGHT, IMAGE_WIDTH)
+IMAGE_TENSOR_SHAPE = _artifact.IMAGE_SHAPE  # (28, 28, 1): what the model and the ONNX files take
 PIXELS = IMAGE_HEIGHT * IMAGE_WIDTH
 NUM_CLASSES = 10
 CLASS_NAMES = (
@@ -40,15 +44,18 @@ CONFIG_FILE = "config.json"
 MODEL_DIR = "model"
 MODEL_WEIGHTS_FILE = "weights.npz"
 MODEL_CONFIG_FILE = "model.json"
+RAY_STORAGE_DIR = "ray"  # Ray Train's storage in TRAIN_DIR unless train.storage_path
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINT_PREFIX = "checkpoint_epoch_"  # + the epoch, 4 digits
 METRICS_FILE = "metrics.jsonl"
 TRAIN_SUMMARY_FILE = "train.json"
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
-DECODER_ONNX = "decoder.onnx"
-ENCODER_ONNX = "encoder.onnx"
+DECODER_ONNX = _artifact.DECODER_FILE
+ENCODER_ONNX = _artifact.ENCODER_FILE
+CHECKSUMS_FILE = _artifact.CHECKSUMS_FILE
 MODEL_CARD_JSON = "model_card.json"
 MODEL_CARD_MD = "MODEL_CARD.md"
-CHECKSUMS_FILE = "SHA256SUMS"
 
 # The `format` of each JSON contract; a reader refuses any other.
 OUTPUT_FORMAT = "vae-pipeline/output/v1"

@@ -28,19 +28,26 @@ from pipeline.dataset import check_dataset, with_dataset_section
 from pipeline.errors import PipelineError, find_user_error, last_line
 from pipeline.model_store import read_checkpoint, write_model_dir
 from pipeline.outputs import check_output, claim_output
-from pipeline.schema import CONFIG_FILE, METRICS_FILE, MODEL_DIR, TRAIN_SUMMARY_FILE
+from pipeline.schema import (
+    CHECKPOINT_PREFIX,
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_DIR,
+    RAY_STORAGE_DIR,
+    TENSORBOARD_DIR,
+    TRAIN_SUMMARY_FILE,
+)
 
 log = logging.getLogger(__name__)
 
 RUN_NAME_PREFIX = "vae"
-CHECKPOINT_PREFIX = "checkpoint_epoch_"
 # The driver blocks on the progress queue; the fit thread's FIT_DONE ends the wait, and
 # the timeout only bounds how long a lost queue goes unnoticed. Each wait is an actor
 # call, so a short poll would keep Ray busy beside the workers.
 PROGRESS_WAIT_S = 10.0
 FIT_DONE = {"event": "done"}
 # What the train stage writes in TRAIN_DIR; anything else there is not its own.
-TRAIN_OUTPUTS = [CONFIG_FILE, METRICS_FILE, TRAIN_SUMMARY_FILE, MODEL_DIR, "ray", "tensorboard"]
+TRAIN_OUTPUTS = [CONFIG_FILE, METRICS_FILE, TRAIN_SUMMARY_FILE, MODEL_DIR, RAY_STORAGE_DIR, TENSORBOARD_DIR]
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ class TrainResult:
 
 def storage_location(config: Config, out: Path) -> str:
     """Ray Train's storage_path: the configured one (path or URI) or TRAIN_DIR/ray."""
-    return config.train.storage_path or str((Path(out) / "ray").resolve())
+    return config.train.storage_path or str((Path(out) / RAY_STORAGE_DIR).resolve())
 
 
 def find_latest_checkpoint(storage: str) -> str | None:
@@ -260,7 +267,7 @@ class ProgressLog:
         self.jsonl = open(self.out / METRICS_FILE, "a" if self.append else "w", encoding="utf-8")
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.out / "tensorboard"))
+        self.writer = SummaryWriter(str(self.out / TENSORBOARD_DIR))
         return self
 
     def handle(self, event: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.model_store import read_checkpoint, write_checkpoint
-from pipeline.schema import COLUMN_IMAGE, IMAGE_SHAPE
+from pipeline.schema import CHECKPOINT_PREFIX, COLUMN_IMAGE, IMAGE_SHAPE
 
 SHUFFLE_BUFFER_ROWS = 8192
 # A worker keeps its shard in memory after the first epoch when it is at most this
@@ -319,5 +319,5 @@ def report_epoch(model, optimizer, config, epoch, history, metrics, rank, get_st
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),
-            checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
+            checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch:04d}",
         )
