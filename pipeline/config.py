@@ -67,9 +67,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         # The architecture is checked by building it: vae.config holds the one definition
         # of presets, contexts, activations and ranges (and imports without Keras).
-        from vae.config import PRESETS, VAEConfig
+        from vae.config import VAEConfig
 
-        _check(self.preset in PRESETS, "model.preset", f"must be one of {sorted(PRESETS)}, got {self.preset!r}")
         try:
             VAEConfig.from_dict(self.architecture())
         except ValueError as exc:

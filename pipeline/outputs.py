@@ -70,7 +70,7 @@ def files_below(directory: Path) -> list[str]:
 
 def is_owned(relative: str, owned: set[str]) -> bool:
     """Whether `relative` is an owned path, lies below one, or is a leftover of writing
-    an owned top-level name through a temporary path (`.NAME.tmp-*`, `.NAME.XXXXXX`)."""
+    an owned top-level name through a temporary path (`.NAME.tmp-*`, or `.NAME.` and mkstemp's random suffix)."""
     parts = relative.split("/")
     if any("/".join(parts[:depth]) in owned for depth in range(1, len(parts) + 1)):
         return True

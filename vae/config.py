@@ -95,5 +95,5 @@ PRESETS: dict[str, VAEConfig] = {
 def preset(name: str) -> VAEConfig:
     """The named preset's architecture; ValueError for an unknown name."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
     return PRESETS[name]
