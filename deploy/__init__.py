@@ -12,7 +12,7 @@ from typing import Any
 from deploy.artifact import ArtifactError, verify_checksums
 
 __all__ = ["ArtifactError", "Generator", "verify_checksums"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str) -> Any:

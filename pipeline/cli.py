@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline import __version__
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError
+from pipeline.schema import CLUSTER_RUNS_ROOT
 
 log = logging.getLogger("pipeline")
 
@@ -45,7 +46,7 @@ def _flag_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[s
 def build_config(args: argparse.Namespace, flags: dict[str, str]) -> Config:
     """Defaults <- environment <- --config file <- --set <- flags. Validated here, before
     any stage module (and with it TensorFlow, 7-11 s) is imported: a bad value fails at once."""
-    base = {"train": {"address": os.environ["RAY_ADDRESS"]}} if os.environ.get("RAY_ADDRESS") else {}
+    base = {"ray": {"address": os.environ["RAY_ADDRESS"]}} if os.environ.get("RAY_ADDRESS") else {}
     config = load_config(args.config, [*args.overrides, *_flag_overrides(args, flags)], base=base)
     if args.command in ("train", "evaluate", "export", "run") and not args.verbose:
         from pipeline.quiet import import_tensorflow_quietly
@@ -69,7 +70,7 @@ TRAIN_FLAGS = {
     "num_workers": "train.num_workers",
     "cpus_per_worker": "train.cpus_per_worker",
     "use_gpu": "train.use_gpu",
-    "address": "train.address",
+    "address": "ray.address",
 }
 
 
@@ -86,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    config = build_config(args, {"iwae_k": "evaluate.iwae_k", "address": "train.address"})
+    config = build_config(args, {"iwae_k": "evaluate.iwae_k", "address": "ray.address"})
     from pipeline.evaluate import evaluate
     result = evaluate(config, args.data, args.model, args.out, verbose=args.verbose)
     test = result.report["test"]
@@ -104,6 +105,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     result = export(config, args.model, args.out, data_dir=args.data, eval_dir=args.report)
     worst = max(result.card["verification"]["max_abs_difference"].values())
     print(f"artifact written: {result.out} (onnxruntime vs Keras max difference {worst:.1e})")
+    return 0
+
+
+def cmd_upgrade_model(args: argparse.Namespace) -> int:
+    from pipeline.model_store import upgrade_model_dir
+
+    if not args.verbose:
+        from pipeline.quiet import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
+    directory = upgrade_model_dir(args.model)
+    print(f"model upgraded: {directory} (vae.keras)")
     return 0
 
 
@@ -205,6 +218,12 @@ def make_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser(
+        "upgrade-model", help="convert a TRAIN_DIR/model/ of an older version to vae.keras", allow_abbrev=False
+    )
+    p.add_argument("model", type=Path, help="training output directory (TRAIN_DIR)")
+    p.set_defaults(func=cmd_upgrade_model)
+
     p = sub.add_parser("run", help="all stages in one run directory, cached per stage", allow_abbrev=False)
     p.add_argument("--run-dir", type=Path, help="run (or continue) in this directory")
     p.add_argument(
@@ -219,7 +238,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="submit `run` to a Ray cluster as a Ray Job", allow_abbrev=False)
     p.add_argument("--address", default=default_dashboard(), help="Ray dashboard, e.g. http://HEAD:8265")
-    p.add_argument("--runs-root", default="~/vae-pipeline/runs", help="runs directory on the cluster")
+    p.add_argument("--runs-root", default=CLUSTER_RUNS_ROOT, help="runs directory on the cluster")
     p.add_argument("--run-dir", help="run directory on the cluster (default: a new one under --runs-root)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     _add_config_args(p)

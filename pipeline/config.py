@@ -105,7 +105,6 @@ class TrainConfig:
     steps_per_execution: int = 8
     use_gpu: bool = False
     precision: str = "float32"
-    address: str | None = None  # Ray cluster address; None: a local Ray
     storage_path: str | None = None  # Ray Train storage; None: TRAIN_DIR/ray
     checkpoints_to_keep: int = 2
     max_failures: int = 2
@@ -167,6 +166,14 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    """Which Ray every stage that uses one (train, evaluate) connects to."""
+
+    # `host:6379` or `ray://host:10001`; None: $RAY_ADDRESS, else a local Ray sized to the machine.
+    address: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole pipeline's configuration."""
 
@@ -176,6 +183,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists); `from_dict` reads it back."""
@@ -183,11 +191,23 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
-        """Build and validate a config; unknown keys and wrong types raise PipelineError."""
-        return _build(cls, data, prefix="")
+        """Build and validate a config; unknown keys and wrong types raise PipelineError.
+        `train.address` (before 0.2) is read as `ray.address`."""
+        return _build(cls, _moved_keys(data), prefix="")
 
     def replace(self, **sections: Any) -> Config:
         return dataclasses.replace(self, **sections)
+
+
+def _moved_keys(data: Any) -> Any:
+    train = data.get("train") if isinstance(data, dict) else None
+    if not isinstance(train, dict) or "address" not in train:
+        return data
+    ray = data.get("ray") or {}
+    if not isinstance(ray, dict):
+        return data
+    moved = {"address": train["address"], **ray}
+    return {**data, "train": {k: v for k, v in train.items() if k != "address"}, "ray": moved}
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

@@ -154,17 +154,38 @@ def _check_split_files(directory: Path, split: str, manifest: dict[str, Any]) ->
 
 
 def _check_content(directory: Path, manifest: dict[str, Any]) -> None:
-    splits = {split: read_split(directory, split) for split in SPLITS}
-    for split, (_, labels) in splits.items():
+    """Recompute the content hash and class counts one file at a time, in the order
+    `read_split` reads them, so that memory holds one file's images, never a split's."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        digest.update(split.encode())
+        labels = []
+        for name in sorted(entry["name"] for entry in manifest["files"][split]):
+            images, file_labels = read_split_file(directory / split / name)
+            digest.update(np.ascontiguousarray(images))
+            labels.append(file_labels)
+        labels = np.concatenate(labels) if labels else np.zeros(0, np.uint8)
         counts = np.bincount(labels, minlength=NUM_CLASSES).tolist()
         if counts != manifest["class_counts"][split]:
             raise PipelineError(f"{directory}: {split} class counts {counts} differ from the manifest's")
-    digest = content_sha256(splits)
-    if digest != manifest["content_sha256"]:
+        digest.update(np.ascontiguousarray(labels, dtype=np.uint8))
+    if digest.hexdigest() != manifest["content_sha256"]:
         raise PipelineError(
-            f"{directory}: content hash {digest[:12]}... differs from the manifest's "
+            f"{directory}: content hash {digest.hexdigest()[:12]}... differs from the manifest's "
             f"{manifest['content_sha256'][:12]}... (data or manifest changed after ingest); ingest again"
         )
+
+
+def read_split_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One Parquet file of a split: images (N, 28, 28) uint8, labels (N,) uint8."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=[COLUMN_IMAGE, COLUMN_LABEL])
+    except (pa.ArrowException, OSError) as exc:
+        raise PipelineError(f"{path}: unreadable Parquet data ({str(exc).splitlines()[0]})") from exc
+    return images_from_column(table.column(COLUMN_IMAGE)), table.column(COLUMN_LABEL).to_numpy()
 
 
 def read_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,10 @@
 """Evaluate stage: test-set bounds, posterior health and latent clustering, with a report.
 
-Per-example values are computed in batches by a model-holding actor through Ray Data
-(`map_batches`), so the same code scores a dataset larger than one machine.
+Each split is read once, into Ray's object store. Per-example values are computed in
+batches by model-holding actors through Ray Data (`map_batches`), and whole-split
+statistics (the mean images) as per-batch sums, so the driver never holds a split of
+images and the same code scores a dataset larger than one machine. The driver keeps
+per-example scores and latents, and loads the model once, for the plots.
 
 Output contract (EVAL_DIR): report.json (every number), report.html (self-contained,
 plots inlined), the plots as PNG files, and config.json. EVAL_DIR must be new, empty
@@ -22,17 +25,18 @@ import numpy as np
 from pipeline import __version__
 from pipeline.atomic import atomic_directory, write_json, write_text
 from pipeline.config import Config
-from pipeline.dataset import check_dataset, read_split, with_dataset_section
+from pipeline.dataset import check_dataset, with_dataset_section
 from pipeline.errors import PipelineError, find_user_error
 from pipeline.metrics import (
     bits_per_dim,
     clustering_scores,
     mean_image_baseline,
+    pixel_entropy,
     posterior_health,
-    reconstruction_floor,
 )
-from pipeline.model_store import check_model_dir
+from pipeline.model_store import check_model_dir, load_model
 from pipeline.outputs import check_output
+from pipeline.plots import GRID
 from pipeline.schema import (
     COLUMN_ID,
     COLUMN_IMAGE,
@@ -52,6 +56,17 @@ class EvaluateResult:
     report: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class SplitResults:
+    """What the driver keeps of one pass over each split."""
+
+    test_scores: dict[str, np.ndarray]  # per test example, ordered by id (see score_batch)
+    train_latents: dict[str, np.ndarray]  # label and z_mean per training example
+    train_mean: np.ndarray  # (784,) mean training image, pixels in [0, 1]
+    test_mean: np.ndarray  # (784,) mean test image
+    test_sample: dict[str, np.ndarray]  # id and image (uint8) of a few test examples, for the plots
+
+
 def example_noise(ids: np.ndarray, seed: int, shape: tuple[int, ...]) -> np.ndarray:
     """Standard normal noise of `shape` per example, fixed by (seed, example id).
 
@@ -66,12 +81,11 @@ class ExampleScorer:
     """A Ray Data actor holding the model: scores a batch of test examples.
 
     Output columns: id, label, loss, reconstruction, kl (one-sample negative ELBO and its
-    parts, nats), iwae (log p(x) lower bound with `iwae_k` samples, nats), z_mean, z_log_var.
+    parts, nats), iwae (log p(x) lower bound with `iwae_k` samples, nats), z_mean,
+    z_log_var, pixel_entropy (the image's reconstruction floor, nats).
     """
 
     def __init__(self, train_dir: str, iwae_k: int, seed: int):
-        from pipeline.model_store import load_model
-
         self.model, _ = load_model(Path(train_dir))
         self.iwae_k, self.seed = iwae_k, seed
 
@@ -108,6 +122,7 @@ def score_batch(model, batch: dict[str, np.ndarray], iwae_k: int, seed: int) -> 
         "iwae": np.asarray(bound),
         "z_mean": z_mean,
         "z_log_var": z_log_var,
+        "pixel_entropy": pixel_entropy(images),
     }
 
 
@@ -115,14 +130,22 @@ class LatentEncoder:
     """A Ray Data actor returning posterior means (for the k-NN fit on the train split)."""
 
     def __init__(self, train_dir: str):
-        from pipeline.model_store import load_model
-
         self.model, _ = load_model(Path(train_dir))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = np.asarray(batch[COLUMN_IMAGE], dtype=np.float32)[..., None] / 255.0
         z_mean, _ = self.model.encoder(images)
         return {COLUMN_LABEL: np.asarray(batch[COLUMN_LABEL]), "z_mean": np.asarray(z_mean)}
+
+
+def pixel_sums(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One row per batch: its image count and per-pixel sum (pixels in [0, 1])."""
+    images = np.asarray(batch[COLUMN_IMAGE]).reshape(len(batch[COLUMN_IMAGE]), -1)
+    return {"count": np.array([len(images)]), "pixel_sum": images.sum(axis=0, dtype=np.float64)[None] / 255.0}
+
+
+def mean_image(sums: dict[str, np.ndarray]) -> np.ndarray:
+    return sums["pixel_sum"].sum(axis=0) / sums["count"].sum()
 
 
 def collect(dataset) -> dict[str, np.ndarray]:
@@ -168,39 +191,18 @@ def evaluate(config: Config, data_dir: Path, train_dir: Path, out: Path, verbose
     check_output(out, "evaluate")
     from pipeline import ray_cluster
 
-    ray_cluster.connect(config.train.address, min_cpus=2, verbose=verbose)
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    ray_cluster.connect(config.ray.address, min_cpus=2, verbose=verbose)
     started = time.time()
-    ev = config.evaluate
-    actors = max(1, min(2, int(ray.cluster_resources().get("CPU", 1)) - 1))
-    test = ray.data.read_parquet(str(data_dir.resolve() / "test"))
-    scored = test.map_batches(
-        ExampleScorer,
-        fn_constructor_kwargs={"train_dir": str(train_dir.resolve()), "iwae_k": ev.iwae_k, "seed": config.seed},
-        batch_size=ev.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-    )
-    log.info("evaluate: scoring the test split (IWAE k=%d) on %d actors", ev.iwae_k, actors)
-    train_latents = ray.data.read_parquet(str(data_dir.resolve() / "train"), columns=[COLUMN_IMAGE, COLUMN_LABEL])
-    train_latents = train_latents.map_batches(
-        LatentEncoder,
-        fn_constructor_kwargs={"train_dir": str(train_dir.resolve())},
-        batch_size=2000,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-    )
-    test_scores, train_latents = collect_carrying_user_errors(scored, train_latents)
-    scoring_seconds = time.time() - started
-    report = build_report(config, manifest, info, data_dir, test_scores, train_latents, scoring_seconds)
+    splits = score_splits(config, data_dir, train_dir, verbose)
+    report = build_report(config, manifest, info, splits, time.time() - started)
+    model, _ = load_model(train_dir)
     with atomic_directory(out, "evaluate") as tmp:
         from pipeline.plots import write_plots
         from pipeline.report_html import render_html
 
-        test_images, _ = read_split(data_dir, "test")
-        plots = write_plots(tmp, train_dir, test_images, test_scores, config.seed)
+        sample_rows = np.searchsorted(splits.test_scores[COLUMN_ID], splits.test_sample[COLUMN_ID])
+        sample = (splits.test_sample[COLUMN_IMAGE], splits.test_scores["z_mean"][sample_rows])
+        plots = write_plots(tmp, model, train_dir, sample, splits.test_scores, config.seed)
         report["plots"] = sorted(plots)
         write_json(tmp / REPORT_JSON, report)
         write_text(tmp / REPORT_HTML, render_html(report, tmp))
@@ -210,18 +212,46 @@ def evaluate(config: Config, data_dir: Path, train_dir: Path, out: Path, verbose
     return EvaluateResult(out, report)
 
 
-def build_report(config, manifest, info, data_dir, scores, train_latents, seconds) -> dict[str, Any]:
+def score_splits(config: Config, data_dir: Path, train_dir: Path, verbose: bool) -> SplitResults:
+    """One read of each split into the object store, then Ray Data passes over it: test
+    scores, training latents, and both mean images."""
+    import ray
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    ev = config.evaluate
+    actors = max(1, min(2, int(ray.cluster_resources().get("CPU", 1)) - 1))
+    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=actors)
+    model_dir = str(train_dir.resolve())
+    test = ray.data.read_parquet(str(data_dir.resolve() / "test")).materialize()
+    train = ray.data.read_parquet(str(data_dir.resolve() / "train"), columns=[COLUMN_IMAGE, COLUMN_LABEL]).materialize()
+    scored = test.map_batches(
+        ExampleScorer,
+        fn_constructor_kwargs={"train_dir": model_dir, "iwae_k": ev.iwae_k, "seed": config.seed},
+        batch_size=ev.batch_size,
+        batch_format="numpy",
+        compute=pool,
+    )
+    latents = train.map_batches(
+        LatentEncoder, fn_constructor_kwargs={"train_dir": model_dir}, batch_size=2000, batch_format="numpy", compute=pool
+    )
+    sums = [split.map_batches(pixel_sums, batch_size=2000, batch_format="numpy") for split in (train, test)]
+    log.info("evaluate: scoring the test split (IWAE k=%d) on %d actors", ev.iwae_k, actors)
+    test_scores, train_latents, train_sums, test_sums = collect_carrying_user_errors(scored, latents, *sums)
+    sample = test.select_columns([COLUMN_ID, COLUMN_IMAGE]).take_batch(GRID, batch_format="numpy")
+    return SplitResults(test_scores, train_latents, mean_image(train_sums), mean_image(test_sums), sample)
+
+
+def build_report(config, manifest, info, splits: SplitResults, seconds) -> dict[str, Any]:
     import ray
     import sklearn
 
+    scores, train_latents = splits.test_scores, splits.train_latents
     check_finite(scores)
-    train_images, _ = read_split(data_dir, "train")
-    test_images, _ = read_split(data_dir, "test")
-    train_x, test_x = train_images / 255.0, test_images / 255.0
     neg_elbo = float(scores["loss"].mean())
     neg_iwae = float(-scores["iwae"].mean())
     reconstruction = float(scores["reconstruction"].mean())
-    mean_image = mean_image_baseline(train_x, test_x)
+    baseline = mean_image_baseline(splits.train_mean, splits.test_mean)
     test = {
         "examples": int(len(scores["loss"])),
         "neg_elbo": neg_elbo,
@@ -238,12 +268,12 @@ def build_report(config, manifest, info, data_dir, scores, train_latents, second
         "units": "nats per image unless named bits_per_dim",
         "test": test,
         "context": {
-            "reconstruction_floor": reconstruction_floor(test_x),
-            "mean_image_baseline": mean_image,
+            "reconstruction_floor": float(scores["pixel_entropy"].mean()),
+            "mean_image_baseline": baseline,
             "note": "floor: summed pixel entropy, the best any Bernoulli decoder can reach; "
             "baseline: independent Bernoullis at the training mean image",
         },
-        "posterior": posterior_health(scores["z_mean"], scores["z_log_var"], reconstruction, mean_image),
+        "posterior": posterior_health(scores["z_mean"], scores["z_log_var"], reconstruction, baseline),
         "clustering": clustering_scores(
             scores["z_mean"],
             scores[COLUMN_LABEL],

@@ -88,11 +88,10 @@ def training_curves(path: Path, train_dir: Path) -> str | None:
     return _save(fig, path)
 
 
-def write_plots(out: Path, train_dir: Path, test_images: np.ndarray, scores: dict, seed: int) -> list[str]:
-    """Write every figure into `out`; returns the file names."""
-    from pipeline.model_store import load_model
-
-    model, _ = load_model(train_dir)
+def write_plots(out: Path, model, train_dir: Path, sample: tuple, scores: dict, seed: int) -> list[str]:
+    """Write every figure into `out`; returns the file names. `model` is the trained VAE,
+    `sample` a few test images (N, 28, 28) uint8 with their posterior means (N, L), and
+    `scores` the test split's (for the latent scatter)."""
     generator = model.generator()
     latent = model.config.latent_dim
     rng = np.random.default_rng(seed)
@@ -101,8 +100,9 @@ def write_plots(out: Path, train_dir: Path, test_images: np.ndarray, scores: dic
     samples = np.asarray(generator(rng.standard_normal((GRID * GRID, latent)).astype(np.float32)))[..., 0]
     names.append(picture(out / "prior_samples.png", image_grid(samples, GRID), "samples from the prior"))
 
-    originals = test_images[:GRID] / 255.0
-    reconstructed = np.asarray(generator(scores["z_mean"][:GRID]))[..., 0]
+    images, z_mean = sample
+    originals = images[:GRID] / 255.0
+    reconstructed = np.asarray(generator(z_mean[:GRID]))[..., 0]
     pairs = image_grid(np.concatenate([originals, reconstructed]), GRID)
     names.append(picture(out / "reconstructions.png", pairs, "test images (top) and reconstructions (bottom)"))
 

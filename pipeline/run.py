@@ -36,7 +36,7 @@ from pipeline.schema import (
     CHECKSUMS_FILE,
     MANIFEST_FILE,
     MODEL_DIR,
-    MODEL_WEIGHTS_FILE,
+    MODEL_FILE,
     REPORT_JSON,
     RUN_FORMAT,
     TRAIN_SUMMARY_FILE,
@@ -59,13 +59,13 @@ class Stage:
 
 STAGE_SPECS = {
     "ingest": Stage("ingest", "data", ("data",), MANIFEST_FILE),
-    "train": Stage("train", "train", ("seed", "model", "train"), f"{MODEL_DIR}/{MODEL_WEIGHTS_FILE}"),
+    "train": Stage("train", "train", ("seed", "model", "train"), f"{MODEL_DIR}/{MODEL_FILE}"),
     "evaluate": Stage("evaluate", "eval", ("seed", "evaluate"), REPORT_JSON),
     "export": Stage("export", "artifact", ("seed", "export"), CHECKSUMS_FILE),
 }
 UPSTREAM = {"ingest": (), "train": ("ingest",), "evaluate": ("ingest", "train"), "export": ("ingest", "train", "evaluate")}
 # Settings that change where or how fast a stage runs, not what it produces.
-NOT_INPUTS = {"train": ("address", "storage_path", "steps_per_execution", "fault_at_epoch", "max_failures", "checkpoints_to_keep")}
+NOT_INPUTS = {"train": ("storage_path", "steps_per_execution", "fault_at_epoch", "max_failures", "checkpoints_to_keep")}
 
 
 @dataclass(frozen=True)

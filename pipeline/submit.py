@@ -17,11 +17,11 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.ray_cluster import check_dashboard, check_reachable
+from pipeline.schema import CLUSTER_RUNS_ROOT
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 EXCLUDES = [".venv", ".git", "runs", "data", "artifacts", "**/__pycache__", "*.egg-info", ".pytest_cache"]
-DEFAULT_CLUSTER_RUNS = "~/vae-pipeline/runs"
 AGENT_WAIT_S = 60
 
 
@@ -29,7 +29,7 @@ def flatten_overrides(config: Config) -> list[str]:
     """The whole config as `section.key=json` strings that `--set` reads back exactly.
 
     Unset (None) values are left out, so that on the cluster the defaults, and the
-    job's own RAY_ADDRESS for `train.address`, apply.
+    job's own RAY_ADDRESS for `ray.address`, apply.
     """
     items = []
     for key, value in config.to_dict().items():
@@ -62,7 +62,7 @@ def client(address: str):
         raise PipelineError(f"cannot use Ray Jobs at {address}: {str(exc).splitlines()[0]}") from exc
 
 
-def submit(address: str, config: Config, runs_root: str = DEFAULT_CLUSTER_RUNS, run_dir: str | None = None) -> str:
+def submit(address: str, config: Config, runs_root: str = CLUSTER_RUNS_ROOT, run_dir: str | None = None) -> str:
     """Submit the run; returns the job id."""
     jobs = client(address)
     runtime_env: dict[str, Any] = {

@@ -1,7 +1,7 @@
 """Train stage driver: builds the Ray Train `TensorflowTrainer` and writes TRAIN_DIR.
 
 Output contract (TRAIN_DIR):
-    model/weights.npz, model/model.json   the final model, for evaluate and export
+    model/vae.keras, model/model.json     the final model (Keras native format), for evaluate and export
     metrics.jsonl                         one JSON object per epoch
     tensorboard/                          the same metrics as TensorBoard events
     ray/                                  Ray Train storage: checkpoints per epoch
@@ -26,7 +26,7 @@ from pipeline.atomic import write_json, write_text
 from pipeline.config import Config, TrainConfig
 from pipeline.dataset import check_dataset, with_dataset_section
 from pipeline.errors import PipelineError, find_user_error, last_line
-from pipeline.model_store import read_checkpoint, write_model_dir
+from pipeline.model_store import check_checkpoint, read_checkpoint_info, write_model_dir
 from pipeline.outputs import check_output, claim_output
 from pipeline.schema import (
     CHECKPOINT_PREFIX,
@@ -113,7 +113,7 @@ def train(config: Config, data_dir: Path, out: Path, resume: bool = False, verbo
     from pipeline import ray_cluster
 
     workers = config.train.num_workers
-    ray_cluster.connect(config.train.address, min_cpus=workers * config.train.cpus_per_worker + 1, verbose=verbose)
+    ray_cluster.connect(config.ray.address, min_cpus=workers * config.train.cpus_per_worker + 1, verbose=verbose)
     out = claim_output(out, "train", TRAIN_OUTPUTS)
     write_json(out / CONFIG_FILE, config.to_dict())
     (out / TRAIN_SUMMARY_FILE).unlink(missing_ok=True)  # not complete until rewritten
@@ -122,19 +122,19 @@ def train(config: Config, data_dir: Path, out: Path, resume: bool = False, verbo
     if result.checkpoint is None:
         raise PipelineError("training ended without a checkpoint")
     with result.checkpoint.as_directory() as directory:
-        state, info = read_checkpoint(Path(directory))
-    history = info["history"]
-    check_history(history, config.train.epochs)
-    write_text(out / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in history))
-    model_info = {
-        "architecture": info["architecture"],
-        "seed": config.seed,
-        "config": config.to_dict(),
-        "epochs": len(history),
-        "final_metrics": history[-1],
-        "data_sha256": manifest["content_sha256"],
-    }
-    write_model_dir(out, state, model_info)
+        info = read_checkpoint_info(Path(directory))
+        history = info["history"]
+        check_history(history, config.train.epochs)
+        write_text(out / METRICS_FILE, "".join(json.dumps(row) + "\n" for row in history))
+        model_info = {
+            "architecture": info["architecture"],
+            "seed": config.seed,
+            "config": config.to_dict(),
+            "epochs": len(history),
+            "final_metrics": history[-1],
+            "data_sha256": manifest["content_sha256"],
+        }
+        write_model_dir(out, Path(directory), model_info)
     summary = {
         "status": "complete",
         "epochs": len(history),
@@ -149,16 +149,6 @@ def train(config: Config, data_dir: Path, out: Path, resume: bool = False, verbo
     }
     write_json(out / TRAIN_SUMMARY_FILE, summary)
     return TrainResult(out, summary)
-
-
-def check_checkpoint(directory: Path) -> None:
-    """A checkpoint to resume from must be readable and finite (checked before Ray starts)."""
-    from pipeline.model_store import non_finite_arrays
-
-    state, _ = read_checkpoint(directory)
-    bad = non_finite_arrays(state)
-    if bad:
-        raise PipelineError(f"{directory}: checkpoint holds NaN or Inf ({bad[0]}); cannot resume from it")
 
 
 def check_history(history: list[dict[str, Any]], epochs: int) -> None:

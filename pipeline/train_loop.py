@@ -1,9 +1,11 @@
 """The per-worker training loop run by Ray Train (one process per worker).
 
-Keras 3's `model.fit` fails under MultiWorkerMirroredStrategy (keras-team/keras#20585),
-so the step is written by hand: `strategy.run` inside a `tf.function`, per-example
-losses summed and divided by the *global* batch, and a Keras 3 optimizer built in
-the strategy scope (it all-reduces the gradients across workers).
+`train_func` reads as its steps: start the worker, build the model and optimizer,
+restore a checkpoint, compile the step, then per epoch run it, measure it, and report
+it with a checkpoint. Keras 3's `model.fit` fails under MultiWorkerMirroredStrategy
+(keras-team/keras#20585), so the step is written by hand: `strategy.run` inside a
+`tf.function`, per-example losses summed and divided by the *global* batch, and a
+Keras 3 optimizer built in the strategy scope (it all-reduces the gradients).
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import itertools
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.model_store import read_checkpoint, write_checkpoint
+from pipeline.model_store import restore_checkpoint, write_checkpoint
 from pipeline.schema import CHECKPOINT_PREFIX, COLUMN_IMAGE, IMAGE_SHAPE
 
 SHUFFLE_BUFFER_ROWS = 8192
@@ -102,6 +105,38 @@ def inject_fault_once(run_name: str) -> None:
         os._exit(17)
 
 
+@dataclass(frozen=True)
+class Worker:
+    """This worker's place in the run and the batch arithmetic every step shares."""
+
+    config: Config
+    rank: int
+    world: int
+    batch: int  # images per worker per step
+    steps_per_epoch: int
+    progress: Any  # a ray.util.queue.Queue for the driver, or None
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch * self.world
+
+    def tell_driver(self, event: dict[str, Any]) -> None:
+        """Rank 0 speaks for the worker group."""
+        if self.rank == 0 and self.progress is not None:
+            self.progress.put(event)
+
+
+@dataclass(frozen=True)
+class EpochOutcome:
+    """Summed (loss, reconstruction, kl) over every worker, the steps run, and why the
+    epoch stopped early (None when it did not)."""
+
+    totals: np.ndarray
+    steps: int
+    seconds: float
+    diverged: str | None = None
+
+
 def train_func(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point. `loop_config` holds `config` (a Config dict),
     `train_rows` (rows in the training split), `progress` (a queue actor or None) and
@@ -110,18 +145,36 @@ def train_func(loop_config: dict[str, Any]) -> None:
     If the weights (checked after every `steps_per_execution` steps) or an epoch's loss
     stop being finite, every worker stops at the same point (the weights are the same on
     every replica, and the loss sums are all-reduced) without reporting that epoch, and
-    rank 0 sends a `diverged` event naming the epoch and steps. It returns rather than raises: Ray Train would retry a raised error, and
-    a diverging run diverges again.
+    rank 0 sends a `diverged` event naming the epoch and steps. It returns rather than
+    raises: Ray Train would retry a raised error, and a diverging run diverges again.
     """
+    import ray.train
+
+    worker, strategy = start_worker(loop_config)
+    model, optimizer = build_model_and_optimizer(worker, strategy)
+    start_epoch, history = restore(model, optimizer, loop_config.get("resume_from"))
+    worker.tell_driver({"event": "start", "epoch": start_epoch, "workers": worker.world})
+    steps = compile_steps(worker, strategy, model, optimizer)
+    shard, cache = ray.train.get_dataset_shard("train"), ShardCache()
+    for epoch in range(start_epoch, worker.config.train.epochs):
+        outcome = run_epoch(worker, steps, shard, cache, epoch)
+        if outcome.diverged is not None:
+            worker.tell_driver({"event": "diverged", "message": divergence_message(worker.config, epoch, outcome.diverged)})
+            return
+        metrics = epoch_metrics(worker, steps, model, optimizer, epoch, outcome)
+        history = [*history, metrics]
+        report_epoch(worker, model, optimizer, history)
+        worker.tell_driver({"event": "epoch", **metrics})
+
+
+def start_worker(loop_config: dict[str, Any]):
+    """Threads, precision and seeds for this process; its `Worker` and the strategy."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import ray.train
     import tensorflow as tf
 
-    from vae import VAEConfig, build_vae, free_bits_kl, get_state, neg_elbo, set_state
-
     config = Config.from_dict(loop_config["config"])
-    progress = loop_config.get("progress")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     threads = config.train.cpus_per_worker
@@ -130,68 +183,97 @@ def train_func(loop_config: dict[str, Any]) -> None:
     if config.train.precision != "float32":
         keras.mixed_precision.set_global_policy(config.train.precision)
     keras.utils.set_random_seed(config.seed)  # identical initial weights on every worker
-
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
         communication_options=tf.distribute.experimental.CommunicationOptions(bytes_per_pack=ALLREDUCE_PACK_BYTES)
     )
     batch = per_worker_batch(config.train.batch_size, world)
-    global_batch = batch * world
     steps_per_epoch = (loop_config["train_rows"] // world) // batch
     if steps_per_epoch < 1:  # the driver checks this before starting; a bug if reached
         raise ValueError(f"{loop_config['train_rows']} rows give no batch of {batch} per worker")
-    architecture = VAEConfig.from_dict(config.model.architecture())
-    free_bits = config.train.free_bits
+    worker = Worker(config, rank, world, batch, steps_per_epoch, loop_config.get("progress"))
+    return worker, strategy
+
+
+def build_model_and_optimizer(worker: Worker, strategy):
+    """The VAE and its Adam optimizer (loss-scaled under mixed_float16), built in the
+    strategy's scope so that the optimizer all-reduces gradients across workers."""
+    import keras
+
+    from vae import VAEConfig, build_vae
+
+    config = worker.config
     with strategy.scope():
-        model = build_vae(architecture, seed=config.seed)
-        optimizer = keras.optimizers.Adam(learning_rate_schedule(config, steps_per_epoch))
+        model = build_vae(VAEConfig.from_dict(config.model.architecture()), seed=config.seed)
+        optimizer = keras.optimizers.Adam(learning_rate_schedule(config, worker.steps_per_epoch))
         if config.train.precision == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
+    return model, optimizer
 
-    start_epoch, history = 0, []
-    # After a worker failure Ray Train hands back the run's latest checkpoint; on a
-    # fresh start an earlier run's checkpoint may be given (`--resume`).
+
+def restore(model, optimizer, resume_from: str | None) -> tuple[int, list[dict[str, Any]]]:
+    """The first epoch to run and the history so far. After a worker failure Ray Train
+    hands back the run's latest checkpoint; on a fresh start an earlier run's checkpoint
+    may be given (`--resume`)."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and loop_config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state, info = read_checkpoint(Path(directory))
-        set_state(state, model, optimizer)
-        start_epoch, history = info["epoch"] + 1, info["history"]
-    if rank == 0 and progress is not None:
-        progress.put({"event": "start", "epoch": start_epoch, "workers": world})
+    if checkpoint is None and resume_from:
+        checkpoint = ray.train.Checkpoint(resume_from)
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as directory:
+        info = restore_checkpoint(Path(directory), model, optimizer)
+    return info["epoch"] + 1, info["history"]
 
-    # A chunk of up to `steps_per_execution` batches runs as one TensorFlow call.
-    chunk_spec = tf.TensorSpec((None, batch, *IMAGE_SHAPE), tf.uint8)
+
+class Steps(NamedTuple):
+    """The compiled TensorFlow functions of one worker."""
+
+    train: Any  # (chunk, epoch, first_step) -> (this worker's sums, all weights finite)
+    sum_over_workers: Any  # (3,) float64 -> the same summed over every worker
+    replica_spread: Any  # weights fingerprint -> largest difference between replicas
+
+
+def compile_steps(worker: Worker, strategy, model, optimizer) -> Steps:
+    """The training step (`strategy.run` inside a `tf.function`; Keras 3's `model.fit`
+    fails under MultiWorkerMirroredStrategy) and the two cross-worker reductions."""
+    import tensorflow as tf
+
+    from vae import free_bits_kl, neg_elbo
+
+    config, batch, global_batch = worker.config, worker.batch, worker.global_batch
+    latent_dim, beta, free_bits = model.config.latent_dim, model.config.beta, config.train.free_bits
+    scaled_loss = config.train.precision == "mixed_float16"
 
     def replica_step(images, noise_seed):
         # Pixels scaled to [0, 1] on the fly; (batch, 28, 28) -> (batch, 28, 28, 1).
         x = tf.cast(images, tf.float32)[..., None] / 255.0
-        eps = tf.random.stateless_normal((batch, architecture.latent_dim), seed=noise_seed)
+        eps = tf.random.stateless_normal((batch, latent_dim), seed=noise_seed)
         with tf.GradientTape() as tape:
             z_mean, z_log_var, logits = model(x, training=True, eps=eps)
-            loss, reconstruction, kl = neg_elbo(x, logits, z_mean, z_log_var, beta=architecture.beta)
+            loss, reconstruction, kl = neg_elbo(x, logits, z_mean, z_log_var, beta=beta)
             if free_bits > 0:  # the objective; the metrics below stay the true ELBO
                 kl_term = batch * free_bits_kl(z_mean, z_log_var, free_bits)
-                scaled = (tf.reduce_sum(reconstruction) + architecture.beta * kl_term) / global_batch
+                objective = (tf.reduce_sum(reconstruction) + beta * kl_term) / global_batch
             else:
-                scaled = tf.reduce_sum(loss) / global_batch
-            if config.train.precision == "mixed_float16":
-                scaled = optimizer.scale_loss(scaled)
-        gradients = tape.gradient(scaled, model.trainable_variables)
+                objective = tf.reduce_sum(loss) / global_batch
+            if scaled_loss:
+                objective = optimizer.scale_loss(objective)
+        gradients = tape.gradient(objective, model.trainable_variables)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
         sums = tf.stack([tf.reduce_sum(loss), tf.reduce_sum(reconstruction), tf.reduce_sum(kl)])
         return tf.cast(sums, tf.float64)
 
+    # A chunk of up to `steps_per_execution` batches runs as one TensorFlow call.
+    chunk_spec = tf.TensorSpec((None, batch, *IMAGE_SHAPE), tf.uint8)
+
     @tf.function(input_signature=[chunk_spec, tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.int32)])
-    def train_steps(chunk, epoch, first_step):
-        """One step per batch of `chunk`; returns this worker's (loss, recon, kl) sums,
-        which are summed across workers once an epoch, not every step, and whether every
-        weight is still finite after the chunk (the same answer on every replica)."""
+    def train(chunk, epoch, first_step):
+        # The sums are added across workers once an epoch, not every step.
         totals = tf.zeros(3, tf.float64)
         for i in tf.range(tf.shape(chunk)[0]):
-            noise_seed = tf.stack([config.seed * 1_000_003 + epoch, (first_step + i) * world + rank])
+            noise_seed = tf.stack([config.seed * 1_000_003 + epoch, (first_step + i) * worker.world + worker.rank])
             per_replica = strategy.run(replica_step, args=(chunk[i], noise_seed))
             totals += strategy.experimental_local_results(per_replica)[0]
         finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in model.trainable_variables]))
@@ -207,57 +289,60 @@ def train_func(loop_config: dict[str, Any]) -> None:
         gathered = tf.reshape(strategy.gather(strategy.run(lambda: tf.identity(fingerprint)), axis=0), (-1, 4))
         return tf.reduce_max(tf.reduce_max(gathered, axis=0) - tf.reduce_min(gathered, axis=0))
 
-    shard = ray.train.get_dataset_shard("train")
-    cache = ShardCache()
-    for epoch in range(start_epoch, config.train.epochs):
-        if config.train.fault_at_epoch == epoch and rank == world - 1:
-            inject_fault_once(context.get_experiment_name())
-        started = time.perf_counter()
-        totals, step = np.zeros(3), 0
-        shuffle_seed = config.seed * 100_003 + epoch * 1009 + rank
-        if cache.images is not None:
-            batches = cache.epoch_batches(batch, steps_per_epoch, shuffle_seed)
-        else:
-            batches = streamed_batches(shard, batch, shuffle_seed, cache)
-        # Every worker must run the same number of collective steps: the first
-        # steps_per_epoch batches train, the rest of a streamed shard is only cached.
-        diverged = None
-        for chunk in chunked(itertools.islice(batches, steps_per_epoch), config.train.steps_per_execution):
-            sums, finite = train_steps(tf.constant(chunk), tf.constant(epoch), tf.constant(step))
-            if not bool(finite):
-                diverged = f"non-finite weights within steps {step + 1}-{step + len(chunk)} of {steps_per_epoch}"
-                break
-            totals += sums.numpy()
-            step += len(chunk)
-        if diverged is None:
-            for _ in batches:
-                pass
-            cache.seal(min_rows=steps_per_epoch * batch)
-            totals = sum_over_workers(tf.constant(totals, tf.float64)).numpy()
-            if not np.isfinite(totals).all():
-                diverged = "non-finite loss"
-        if diverged is not None:
-            if rank == 0 and progress is not None:
-                progress.put({"event": "diverged", "message": divergence_message(config, epoch, diverged)})
-            return
-        seconds = time.perf_counter() - started
-        images = step * global_batch
-        spread = float(replica_spread(tf.constant(weights_fingerprint(model))).numpy())
-        metrics = {
-            "epoch": epoch,
-            "loss": totals[0] / images,
-            "reconstruction": totals[1] / images,
-            "kl": totals[2] / images,
-            "images_per_s": images / seconds,
-            "epoch_time_s": seconds,
-            "learning_rate": float(np.asarray(optimizer.learning_rate)),
-            "replicas_agree": spread == 0.0,
-            "workers": world,
-        }
-        history = [*history, metrics]
-        report_epoch(model, optimizer, config, epoch, history, metrics, rank, get_state)
-        if rank == 0 and progress is not None:
-            progress.put({"event": "epoch", **metrics})
+    return Steps(train, sum_over_workers, replica_spread)
+
+
+def run_epoch(worker: Worker, steps: Steps, shard, cache: ShardCache, epoch: int) -> EpochOutcome:
+    """Train one epoch on this worker's shard (cached in memory after the first epoch)."""
+    import ray.train
+    import tensorflow as tf
+
+    config = worker.config
+    if config.train.fault_at_epoch == epoch and worker.rank == worker.world - 1:
+        inject_fault_once(ray.train.get_context().get_experiment_name())
+    started = time.perf_counter()
+    totals, step = np.zeros(3), 0
+    shuffle_seed = config.seed * 100_003 + epoch * 1009 + worker.rank
+    if cache.images is not None:
+        batches = cache.epoch_batches(worker.batch, worker.steps_per_epoch, shuffle_seed)
+    else:
+        batches = streamed_batches(shard, worker.batch, shuffle_seed, cache)
+    # Every worker must run the same number of collective steps: the first
+    # steps_per_epoch batches train, the rest of a streamed shard is only cached.
+    for chunk in chunked(itertools.islice(batches, worker.steps_per_epoch), config.train.steps_per_execution):
+        sums, finite = steps.train(tf.constant(chunk), tf.constant(epoch), tf.constant(step))
+        if not bool(finite):
+            what = f"non-finite weights within steps {step + 1}-{step + len(chunk)} of {worker.steps_per_epoch}"
+            return EpochOutcome(totals, step, time.perf_counter() - started, what)
+        totals += sums.numpy()
+        step += len(chunk)
+    for _ in batches:
+        pass
+    cache.seal(min_rows=worker.steps_per_epoch * worker.batch)
+    totals = steps.sum_over_workers(tf.constant(totals, tf.float64)).numpy()
+    seconds = time.perf_counter() - started
+    if not np.isfinite(totals).all():
+        return EpochOutcome(totals, step, seconds, "non-finite loss")
+    return EpochOutcome(totals, step, seconds)
+
+
+def epoch_metrics(worker: Worker, steps: Steps, model, optimizer, epoch: int, outcome: EpochOutcome) -> dict[str, Any]:
+    """What the driver logs for the epoch; checks that every replica holds the same weights."""
+    import tensorflow as tf
+
+    images = outcome.steps * worker.global_batch
+    spread = float(steps.replica_spread(tf.constant(weights_fingerprint(model))).numpy())
+    return {
+        "epoch": epoch,
+        "loss": outcome.totals[0] / images,
+        "reconstruction": outcome.totals[1] / images,
+        "kl": outcome.totals[2] / images,
+        "images_per_s": images / outcome.seconds,
+        "epoch_time_s": outcome.seconds,
+        "learning_rate": float(np.asarray(optimizer.learning_rate)),
+        "replicas_agree": spread == 0.0,
+        "workers": worker.world,
+    }
 
 
 def divergence_message(config: Config, epoch: int, what: str) -> str:
@@ -300,24 +385,25 @@ def streamed_batches(shard, batch: int, seed: int, cache: ShardCache):
             pending = pending[batch:]
 
 
-def report_epoch(model, optimizer, config, epoch, history, metrics, rank, get_state) -> None:
+def report_epoch(worker: Worker, model, optimizer, history: list[dict[str, Any]]) -> None:
     """Every worker reports (it is a barrier); rank 0 attaches the checkpoint."""
     import ray.train
 
-    if rank != 0:
+    metrics = history[-1]
+    if worker.rank != 0:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory(prefix="vae-ckpt-") as directory:
         info = {
-            "epoch": epoch,
-            "config": config.to_dict(),
-            "architecture": config.model.architecture(),
+            "epoch": metrics["epoch"],
+            "config": worker.config.to_dict(),
+            "architecture": worker.config.model.architecture(),
             "metrics": metrics,
             "history": history,
         }
-        write_checkpoint(Path(directory), get_state(model, optimizer), info)
+        write_checkpoint(Path(directory), model, optimizer, info)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),
-            checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{epoch:04d}",
+            checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{metrics['epoch']:04d}",
         )

@@ -55,3 +55,26 @@ def single_error_line(err: str, program: str = "vae-pipeline") -> str:
     assert "Traceback" not in err, err[-3000:]
     assert len(errors) == 1 and lines[-1] == errors[0], lines[-10:]
     return errors[0]
+
+
+def poison_keras_file(path: Path) -> None:
+    """Set the first floating-point weight array of a `.keras` file to NaN, as a diverged
+    run would leave it (the file stays a valid Keras model)."""
+    import io
+    import zipfile
+
+    import h5py
+
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    buffer = io.BytesIO(members["model.weights.h5"])
+    with h5py.File(buffer, "r+") as weights:
+        names = []
+        weights.visititems(
+            lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) and item.dtype.kind == "f" else None
+        )
+        weights[names[0]][...] = np.nan
+    members["model.weights.h5"] = buffer.getvalue()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)

@@ -3,11 +3,18 @@
 Pure model code: no Ray, no file paths, no command line. `vae.config` (the
 architecture and its presets) imports without Keras; the names below load their
 modules, and with them Keras and TensorFlow, on first use.
+
+`import vae` also makes a saved model open with plain Keras:
+`keras.saving.load_model("vae.keras")` needs the model's classes registered, so they
+are registered as soon as Keras is loaded, whichever of the two is imported first.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from typing import Any
 
 _EXPORTS = {
@@ -45,3 +52,30 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _RegisterWithKeras(importlib.abc.MetaPathFinder):
+    """Imports `vae.model` (which registers VAE and its layers with Keras's
+    serialization) right after `keras` finishes importing."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "keras":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("keras")
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            importlib.import_module("vae.model")
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if "keras" in sys.modules:
+    importlib.import_module("vae.model")
+elif not any(isinstance(finder, _RegisterWithKeras) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWithKeras())

@@ -21,7 +21,7 @@ class Sampling(layers.Layer):
     def __init__(self, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
 
     def call(self, inputs):
         z_mean, z_log_var = inputs
@@ -36,12 +36,14 @@ def build_encoder(config: VAEConfig) -> keras.Model:
     """images (N, H, W, C) in [0, 1] -> [z_mean (N, L), z_log_var (N, L)]."""
     images = keras.Input(shape=config.image_shape, name="image")
     x = images
-    for filters in config.filters:
-        x = layers.Conv2D(filters, 3, strides=2, padding="same", activation=config.activation)(x)
-        for _ in range(config.convs_per_stage - 1):
-            x = layers.Conv2D(filters, 3, padding="same", activation=config.activation)(x)
-    x = layers.Flatten()(x)  # (N, H/4 * W/4 * filters[-1])
-    x = layers.Dense(config.dense_units, activation=config.activation)(x)
+    for stage, filters in enumerate(config.filters, start=1):
+        x = layers.Conv2D(
+            filters, 3, strides=2, padding="same", activation=config.activation, name=f"encoder_conv{stage}_1"
+        )(x)
+        for i in range(2, config.convs_per_stage + 1):
+            x = layers.Conv2D(filters, 3, padding="same", activation=config.activation, name=f"encoder_conv{stage}_{i}")(x)
+    x = layers.Flatten(name="encoder_flatten")(x)  # (N, H/4 * W/4 * filters[-1])
+    x = layers.Dense(config.dense_units, activation=config.activation, name="encoder_dense")(x)
     # The heads stay float32 under mixed precision: exp(log_var) overflows in float16.
     z_mean = layers.Dense(config.latent_dim, name="z_mean", dtype="float32")(x)
     z_log_var = layers.Dense(config.latent_dim, name="z_log_var", dtype="float32")(x)
@@ -70,14 +72,14 @@ def build_decoder(config: VAEConfig) -> keras.Model:
     height, width, channels = config.image_shape
     z = keras.Input(shape=(config.latent_dim,), name="z")
     base = (height // 4, width // 4, config.filters[-1])
-    x = layers.Dense(base[0] * base[1] * base[2], activation=config.activation)(z)
-    x = layers.Reshape(base)(x)  # (N, H/4, W/4, filters[-1])
-    for filters in reversed(config.filters):
+    x = layers.Dense(base[0] * base[1] * base[2], activation=config.activation, name="decoder_dense")(z)
+    x = layers.Reshape(base, name="decoder_reshape")(x)  # (N, H/4, W/4, filters[-1])
+    for stage, filters in enumerate(reversed(config.filters), start=1):
         x = layers.Conv2DTranspose(
-            filters, 3, strides=2, padding="same", activation=config.activation
+            filters, 3, strides=2, padding="same", activation=config.activation, name=f"decoder_upconv{stage}"
         )(x)
-        for _ in range(config.convs_per_stage - 1):
-            x = layers.Conv2D(filters, 3, padding="same", activation=config.activation)(x)
+        for i in range(2, config.convs_per_stage + 1):
+            x = layers.Conv2D(filters, 3, padding="same", activation=config.activation, name=f"decoder_conv{stage}_{i}")(x)
     outputs = channels + len(context_offsets(config.context))
     logits = layers.Conv2DTranspose(outputs, 3, padding="same", name="logits", dtype="float32")(x)
     return keras.Model(z, logits, name="decoder")
@@ -91,15 +93,31 @@ def probability_decoder(decoder: keras.Model, context: str = "none") -> keras.Mo
     return keras.Model(z, image, name="generator")
 
 
+@keras.saving.register_keras_serializable(package="vae")
 class VAE(keras.Model):
-    """Encoder + sampling + decoder; `call` returns (z_mean, z_log_var, logits)."""
+    """Encoder + sampling + decoder; `call` returns (z_mean, z_log_var, logits).
 
-    def __init__(self, config: VAEConfig, seed: int | None = None, **kwargs):
-        super().__init__(name="vae", **kwargs)
-        self.config = config
-        self.encoder = build_encoder(config)
-        self.decoder = build_decoder(config)
+    Every layer has a fixed name, so variable paths (`encoder_dense/kernel`, ...) are
+    the same in every process, and the model saves to Keras's `.keras` format:
+    `keras.saving.load_model` opens it once `vae` is imported (see `vae/__init__.py`).
+    """
+
+    def __init__(self, config: VAEConfig | dict, seed: int | None = None, **kwargs):
+        kwargs.setdefault("name", "vae")
+        super().__init__(**kwargs)
+        self.config = config if isinstance(config, VAEConfig) else VAEConfig.from_dict(config)
+        self.seed = seed
+        self.encoder = build_encoder(self.config)
+        self.decoder = build_decoder(self.config)
         self.sampling = Sampling(seed=seed, name="sampling")
+
+    def get_config(self):
+        return {"name": self.name, "config": self.config.to_dict(), "seed": self.seed}
+
+    def build(self, input_shape=None):
+        """Create every variable (a loaded model needs them before its weights are set)."""
+        self.call(ops.zeros((1, *self.config.image_shape)))
+        self.built = True
 
     def call(self, images, training: bool = False, eps=None):
         """images (N, H, W, C) -> (z_mean, z_log_var, logits).
@@ -132,5 +150,5 @@ class VAE(keras.Model):
 def build_vae(config: VAEConfig, seed: int | None = None) -> VAE:
     """A VAE with its variables created (so weights can be set straight away)."""
     model = VAE(config, seed=seed)
-    model(ops.zeros((1, *config.image_shape)))
+    model.build()
     return model

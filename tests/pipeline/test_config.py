@@ -129,3 +129,23 @@ def test_a_bad_model_key_fails_on_the_command_line_without_keras_or_ray():
 
 def test_config_dict_is_json_ready():
     assert json.loads(json.dumps(Config().to_dict()))["train"]["epochs"] == Config().train.epochs
+
+
+def test_the_ray_address_has_one_place_and_the_old_key_still_reads(tmp_path):
+    assert load_config(overrides=["ray.address=10.0.0.1:6379"]).ray.address == "10.0.0.1:6379"
+    old = tmp_path / "old.toml"
+    old.write_text('[train]\nepochs = 2\naddress = "10.0.0.2:6379"\n')
+    config = load_config(old)
+    assert config.ray.address == "10.0.0.2:6379" and config.train.epochs == 2
+    assert "address" not in config.to_dict()["train"]
+
+
+def test_evaluate_and_train_take_the_address_flag_and_environment_into_ray_address(monkeypatch):
+    from pipeline.cli import TRAIN_FLAGS, build_config, make_parser
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.3:6379")
+    args = make_parser().parse_args(["evaluate", "--data", "d", "--model", "m", "--out", "o"])
+    monkeypatch.setattr("pipeline.quiet.import_tensorflow_quietly", lambda: None)
+    assert build_config(args, {"address": "ray.address"}).ray.address == "10.0.0.3:6379"
+    args = make_parser().parse_args(["train", "--data", "d", "--out", "o", "--address", "10.0.0.4:6379"])
+    assert build_config(args, TRAIN_FLAGS).ray.address == "10.0.0.4:6379"

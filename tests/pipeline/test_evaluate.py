@@ -91,16 +91,28 @@ def test_missing_model_is_a_clear_error(tmp_path, small_dataset):
     assert not (tmp_path / "eval").exists()
 
 
-def test_image_shape_mismatch_is_a_clear_error(tmp_path, small_dataset, trained_run):
+def test_image_shape_mismatch_is_a_clear_error(tmp_path, small_dataset):
+    from pipeline.model_store import write_model_dir
+    from vae import VAEConfig, build_vae
+
+    architecture = VAEConfig(latent_dim=2, image_shape=(32, 32, 1))
+    (tmp_path / "saved").mkdir()
+    build_vae(architecture, seed=0).save(tmp_path / "saved" / "vae.keras")
+    write_model_dir(tmp_path / "train", tmp_path / "saved", {"architecture": architecture.to_dict()})
+    with pytest.raises(PipelineError, match=r"model expects images of shape \(32, 32, 1\)"):
+        evaluate(load_config(), small_dataset, tmp_path / "train", tmp_path / "eval")
+
+
+def test_a_model_json_that_disagrees_with_vae_keras_is_refused(tmp_path, small_dataset, trained_run):
     import shutil
 
     model_dir = tmp_path / "train"
     shutil.copytree(trained_run.out / "model", model_dir / "model")
     info_path = model_dir / "model" / "model.json"
     info = json.loads(info_path.read_text())
-    info["architecture"]["image_shape"] = [32, 32, 1]
+    info["architecture"]["latent_dim"] = 8
     info_path.write_text(json.dumps(info))
-    with pytest.raises(PipelineError, match=r"model expects images of shape \(32, 32, 1\)"):
+    with pytest.raises(PipelineError, match="vae.keras: holds another architecture than model.json records"):
         evaluate(load_config(), small_dataset, model_dir, tmp_path / "eval")
 
 
@@ -145,3 +157,40 @@ def test_a_user_error_in_a_ray_data_actor_comes_back_as_its_own_line(ray_local):
     with pytest.raises(PipelineError) as info:
         collect_carrying_user_errors(dataset)
     assert str(info.value) == "model/model.json: unreadable JSON (a test)"
+
+
+def _rss_kib(field: str) -> int:
+    status = open("/proc/self/status").read()
+    return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1))
+
+
+def peak_rss_growth_kib(call) -> int:
+    """How far this process's resident memory rose above its level at the start of `call`
+    (Linux: writing 5 to clear_refs resets the peak, VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    before = _rss_kib("VmRSS")
+    call()
+    return _rss_kib("VmHWM") - before
+
+
+def test_the_driver_holds_no_split_of_images(tmp_path, evaluation, trained_run):
+    """Evaluate's driver memory must not grow with the training split: with 2,000 and
+    18,000 training rows (synthetic, the same test split) its peaks must differ by far
+    less than the 16,000 extra images take (12.3 MB as uint8; the code before read the
+    split and made a float64 copy, 8 times that)."""
+    from pipeline.ingest import ingest
+    from tests.helpers import write_idx_dir
+
+    config = load_config(overrides=["evaluate.iwae_k=1", "evaluate.batch_size=256"])
+    growth = {}
+    for rows in (2_000, 18_000):
+        source = write_idx_dir(tmp_path / f"idx-{rows}", train_rows=rows, test_rows=256, seed=1)
+        data = ingest(
+            load_config(overrides=[f"data.source=idx:{source}", f"data.limit={rows}", "data.rows_per_file=1000"]), tmp_path / f"data-{rows}"
+        ).out
+        out = tmp_path / f"eval-{rows}"
+        growth[rows] = peak_rss_growth_kib(lambda data=data, out=out: evaluate(config, data, trained_run.out, out))
+        assert (out / "report.json").is_file()
+    extra_images_kib = 16_000 * 784 / 1024
+    assert growth[18_000] - growth[2_000] < 0.5 * extra_images_kib, growth

@@ -97,21 +97,20 @@ def broken_model(tmp_path, trained_run, kind):
 
     train_dir = tmp_path / "train"
     shutil.copytree(trained_run.out / "model", train_dir / "model")
-    weights, info_path = train_dir / "model" / "weights.npz", train_dir / "model" / "model.json"
+    weights, info_path = train_dir / "model" / "vae.keras", train_dir / "model" / "model.json"
     info = json.loads(info_path.read_text())
     if kind == "nan":  # a diverged model, recorded consistently
         from deploy.artifact import sha256_file
+        from tests.helpers import poison_keras_file
 
-        arrays = dict(np.load(weights))
-        arrays["model/0"] = np.full_like(arrays["model/0"], np.nan)
-        np.savez(weights, **arrays)
-        info_path.write_text(json.dumps({**info, "weights_sha256": sha256_file(weights)}))
+        poison_keras_file(weights)
+        info_path.write_text(json.dumps({**info, "model_sha256": sha256_file(weights)}))
     elif kind == "truncated":
         weights.write_bytes(weights.read_bytes()[:1000])
     elif kind == "bad json":
         info_path.write_text('{"architecture": ')
     elif kind == "no hash":
-        info.pop("weights_sha256")
+        info.pop("model_sha256")
         info_path.write_text(json.dumps(info))
     return train_dir
 
@@ -119,10 +118,10 @@ def broken_model(tmp_path, trained_run, kind):
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
-        ("nan", "weight arrays hold NaN or Inf (diverged model)"),
-        ("truncated", "weights.npz: SHA-256 does not match model.json"),
+        ("nan", "vae.keras: 1 weight arrays hold NaN or Inf"),
+        ("truncated", "vae.keras: SHA-256 does not match model.json"),
         ("bad json", "model.json: unreadable JSON"),
-        ("no hash", "records no weights_sha256"),
+        ("no hash", "records no model_sha256"),
     ],
 )
 @pytest.mark.parametrize("stage", ["evaluate", "export"])

@@ -25,8 +25,8 @@ def small(source, *extra):
         f"data.source=idx:{source}",
         "data.limit=512",
         "data.rows_per_file=128",
+        # The preset's own latent_dim (2): the run must take it from the preset.
         "model.preset=seed",
-        "model.latent_dim=4",
         "train.epochs=1",
         "train.batch_size=64",
         "evaluate.iwae_k=2",

@@ -68,7 +68,7 @@ def ray_head(tmp_path_factory):
 
 
 def test_flattened_config_reads_back_identically():
-    config = load_config(overrides=["model.filters=[8, 16]", "data.limit=5", "train.address=ray://h:1"])
+    config = load_config(overrides=["model.filters=[8, 16]", "data.limit=5", "ray.address=ray://h:1"])
     assert load_config(overrides=flatten_overrides(config)) == config
 
 

@@ -9,9 +9,10 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
+from pipeline.model_store import read_keras_file
 from pipeline.schema import METRICS_FILE, MODEL_DIR, TRAIN_SUMMARY_FILE
 from pipeline.train import find_latest_checkpoint, train
-from tests.helpers import single_error_line
+from tests.helpers import poison_keras_file, single_error_line
 
 TINY = ["model.preset=seed", "model.latent_dim=4", "train.batch_size=64"]
 
@@ -40,7 +41,7 @@ def test_a_checkpoint_per_epoch_kept_to_the_configured_number(trained_run):
 
 def test_final_model_and_summary_are_written(trained_run):
     out = trained_run.out
-    assert (out / MODEL_DIR / "weights.npz").is_file()
+    assert (out / MODEL_DIR / "vae.keras").is_file()
     summary = json.loads((out / TRAIN_SUMMARY_FILE).read_text())
     assert summary["status"] == "complete" and summary["epochs"] == 3
     assert list((out / "tensorboard").iterdir())
@@ -58,9 +59,9 @@ def test_one_worker_trains_the_same_whatever_the_steps_per_execution(tmp_path, s
     assert [row["workers"] for row in rows] == [1, 1]
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert [row["loss"] for row in history(runs[1])] == [row["loss"] for row in rows]
-    one, three = (np.load(run / MODEL_DIR / "weights.npz") for run in runs)
-    assert sorted(one.files) == sorted(three.files)
-    assert all(np.array_equal(one[name], three[name]) for name in one.files)
+    one, three = (read_keras_file(run / MODEL_DIR / "vae.keras")[1] for run in runs)
+    assert sorted(one) == sorted(three) and len(one) > 10
+    assert all(np.array_equal(one[name], three[name]) for name in one)
 
 
 def test_crashed_worker_restarts_from_latest_checkpoint(tmp_path, small_dataset, ray_local):
@@ -96,7 +97,7 @@ def test_resume_without_checkpoint_is_an_error(tmp_path, small_dataset):
 
 
 def test_unreachable_address_fails_fast(tmp_path, small_dataset):
-    config = load_config(overrides=[*TINY, "train.address=127.0.0.1:9"])
+    config = load_config(overrides=[*TINY, "ray.address=127.0.0.1:9"])
     started = time.monotonic()
     with pytest.raises(PipelineError, match="cannot reach Ray cluster at 127.0.0.1:9"):
         train(config, small_dataset, tmp_path / "run")
@@ -174,10 +175,8 @@ TRAINED_RUN = ["model.preset=seed", "model.latent_dim=4", "model.context=above",
 def test_resume_from_a_non_finite_checkpoint_is_refused_before_ray(tmp_path, small_dataset, trained_run):
     out = copy_of_trained_run(trained_run, tmp_path / "run")
     checkpoint = Path(find_latest_checkpoint(str(out / "ray")))
-    state = dict(np.load(checkpoint / "state.npz"))
-    state["model/0"] = np.full_like(state["model/0"], np.nan)
-    np.savez(checkpoint / "state.npz", **state)
-    with pytest.raises(PipelineError, match="checkpoint holds NaN or Inf"):
+    poison_keras_file(checkpoint / "vae.keras")
+    with pytest.raises(PipelineError, match="vae.keras: 1 weight arrays hold NaN or Inf"):
         train(load_config(overrides=[*TRAINED_RUN, "train.epochs=4"]), small_dataset, out, resume=True)
 
 
@@ -188,11 +187,11 @@ def test_a_user_error_raised_in_a_worker_comes_back_as_its_own_line(tmp_path, sm
 
     store = tmp_path / "store"
     shutil.copytree(trained_run.out / "ray", store)
-    state = Path(find_latest_checkpoint(str(store))) / "state.npz"
-    state.write_bytes(b"not a zip file")
+    saved = Path(find_latest_checkpoint(str(store))) / "vae.keras"
+    saved.write_bytes(b"not a zip file")
     overrides = [*TRAINED_RUN, f"train.storage_path=file://{store}", "train.epochs=4", "train.max_failures=0"]
     with pytest.raises(PipelineError) as info:
         train(load_config(overrides=overrides), small_dataset, tmp_path / "run", resume=True)
     message = str(info.value)
-    assert "state.npz: unreadable weights file" in message and "\n" not in message
+    assert "vae.keras: unreadable Keras model file" in message and "\n" not in message
     assert not (tmp_path / "run" / TRAIN_SUMMARY_FILE).exists()

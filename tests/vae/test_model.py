@@ -91,3 +91,39 @@ def test_a_few_steps_lower_the_loss():
     model = build_vae(VAEConfig(latent_dim=2, filters=(8, 16), dense_units=16), seed=0)
     losses = train_steps(model, keras.optimizers.Adam(3e-3), images, 15)
     assert losses[-1] < losses[0] - 10
+
+
+def test_state_is_matched_by_variable_path_not_position():
+    one_conv = build_vae(VAEConfig(latent_dim=3, filters=(4, 8), dense_units=8), seed=0)
+    two_convs = build_vae(VAEConfig(latent_dim=3, filters=(4, 8), dense_units=8, convs_per_stage=2), seed=0)
+    state = get_state(one_conv)
+    assert "model/encoder_dense/kernel" in state and "model/0" not in state
+    with pytest.raises(ValueError, match="no array for model/decoder_conv1_2/bias .8 missing"):
+        set_state(state, two_convs)
+    # A second model built in the same process gets the same paths (no global name counters).
+    assert list(get_state(build_vae(VAEConfig(latent_dim=3, filters=(4, 8), dense_units=8)))) == list(state)
+
+
+@pytest.mark.parametrize("imports", ["import vae, keras", "import keras, vae"])
+def test_a_saved_model_opens_with_plain_keras_after_import_vae(tmp_path, imports):
+    """In a fresh interpreter, whichever of keras and vae is imported first."""
+    import subprocess
+    import sys
+
+    model = build_vae(VAEConfig(latent_dim=3, filters=(4, 8), dense_units=8, context="above"), seed=2)
+    model.save(tmp_path / "vae.keras")
+    images = np.random.default_rng(0).uniform(size=(4, 28, 28, 1)).astype(np.float32)
+    eps = np.random.default_rng(1).normal(size=(4, 3)).astype(np.float32)
+    np.savez(tmp_path / "batch.npz", images=images, eps=eps)
+    expected = np.asarray(model.losses_per_example(images, eps=eps)[0])
+    code = (
+        f"{imports}\nimport numpy as np\n"
+        f"model = keras.saving.load_model({str(tmp_path / 'vae.keras')!r})\n"
+        f"batch = np.load({str(tmp_path / 'batch.npz')!r})\n"
+        "print(type(model).__name__, list(np.asarray(model.losses_per_example(batch['images'], eps=batch['eps'])[0])))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    name, values = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert name == "VAE"
+    np.testing.assert_array_equal(np.array(eval(values), np.float32), expected)
