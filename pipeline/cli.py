@@ -43,15 +43,21 @@ def _flag_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[s
     return out
 
 
+def import_tensorflow(args: argparse.Namespace) -> None:
+    """Load TensorFlow now, its start-up chatter silenced unless --verbose."""
+    if not args.verbose:
+        from pipeline.quiet import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
+
+
 def build_config(args: argparse.Namespace, flags: dict[str, str]) -> Config:
     """Defaults <- environment <- --config file <- --set <- flags. Validated here, before
     any stage module (and with it TensorFlow, 7-11 s) is imported: a bad value fails at once."""
     base = {"ray": {"address": os.environ["RAY_ADDRESS"]}} if os.environ.get("RAY_ADDRESS") else {}
     config = load_config(args.config, [*args.overrides, *_flag_overrides(args, flags)], base=base)
-    if args.command in ("train", "evaluate", "export", "run") and not args.verbose:
-        from pipeline.quiet import import_tensorflow_quietly
-
-        import_tensorflow_quietly()
+    if args.command in ("train", "evaluate", "export", "run"):
+        import_tensorflow(args)
     return config
 
 
@@ -111,10 +117,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_upgrade_model(args: argparse.Namespace) -> int:
     from pipeline.model_store import upgrade_model_dir
 
-    if not args.verbose:
-        from pipeline.quiet import import_tensorflow_quietly
-
-        import_tensorflow_quietly()
+    import_tensorflow(args)
     directory = upgrade_model_dir(args.model)
     print(f"model upgraded: {directory} (vae.keras)")
     return 0

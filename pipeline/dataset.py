@@ -55,19 +55,27 @@ def content_sha256(splits: dict[str, tuple[Any, np.ndarray]]) -> str:
     """A hash of the decoded data, the same whatever the source or file layout.
 
     `splits` maps each split to (images, labels); images may be an array (N, 28, 28)
-    uint8 or a ProgressiveArray still being decoded (hashed block by block as its rows
-    arrive).
+    uint8, a ProgressiveArray still being decoded (hashed block by block as its rows
+    arrive), or an iterable of consecutive image blocks (one per Parquet file, say): the
+    digest is over the bytes, so where the blocks split makes no difference.
     """
     digest = hashlib.sha256()
     for split in SPLITS:
         images, labels = splits[split]
         digest.update(split.encode())
-        for start in range(0, len(labels), HASH_ROWS):
-            stop = min(start + HASH_ROWS, len(labels))
-            block = images.rows(stop)[start:] if hasattr(images, "rows") else images[start:stop]
+        for block in _image_blocks(images, len(labels)):
             digest.update(np.ascontiguousarray(block))
         digest.update(np.ascontiguousarray(labels, dtype=np.uint8))
     return digest.hexdigest()
+
+
+def _image_blocks(images: Any, rows: int):
+    if not (isinstance(images, np.ndarray) or hasattr(images, "rows")):
+        yield from images
+        return
+    for start in range(0, rows, HASH_ROWS):
+        stop = min(start + HASH_ROWS, rows)
+        yield images.rows(stop)[start:] if hasattr(images, "rows") else images[start:stop]
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -154,52 +162,43 @@ def _check_split_files(directory: Path, split: str, manifest: dict[str, Any]) ->
 
 
 def _check_content(directory: Path, manifest: dict[str, Any]) -> None:
-    """Recompute the content hash and class counts one file at a time, in the order
+    """Recompute the class counts and the content hash one file at a time, in the order
     `read_split` reads them, so that memory holds one file's images, never a split's."""
-    digest = hashlib.sha256()
+    splits = {}
     for split in SPLITS:
-        digest.update(split.encode())
-        labels = []
-        for name in sorted(entry["name"] for entry in manifest["files"][split]):
-            images, file_labels = read_split_file(directory / split / name)
-            digest.update(np.ascontiguousarray(images))
-            labels.append(file_labels)
+        paths = [directory / split / name for name in sorted(entry["name"] for entry in manifest["files"][split])]
+        labels = [_read_columns(path, [COLUMN_LABEL]).column(COLUMN_LABEL).to_numpy() for path in paths]
         labels = np.concatenate(labels) if labels else np.zeros(0, np.uint8)
         counts = np.bincount(labels, minlength=NUM_CLASSES).tolist()
         if counts != manifest["class_counts"][split]:
             raise PipelineError(f"{directory}: {split} class counts {counts} differ from the manifest's")
-        digest.update(np.ascontiguousarray(labels, dtype=np.uint8))
-    if digest.hexdigest() != manifest["content_sha256"]:
+        blocks = (images_from_column(_read_columns(path, [COLUMN_IMAGE]).column(COLUMN_IMAGE)) for path in paths)
+        splits[split] = (blocks, labels)
+    digest = content_sha256(splits)
+    if digest != manifest["content_sha256"]:
         raise PipelineError(
-            f"{directory}: content hash {digest.hexdigest()[:12]}... differs from the manifest's "
+            f"{directory}: content hash {digest[:12]}... differs from the manifest's "
             f"{manifest['content_sha256'][:12]}... (data or manifest changed after ingest); ingest again"
         )
 
 
-def read_split_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One Parquet file of a split: images (N, 28, 28) uint8, labels (N,) uint8."""
+def _read_columns(path: Path, columns: list[str]):
+    """A Parquet file or directory's `columns` as a pyarrow Table; PipelineError if unreadable."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path, columns=[COLUMN_IMAGE, COLUMN_LABEL])
+        return pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError) as exc:
         raise PipelineError(f"{path}: unreadable Parquet data ({str(exc).splitlines()[0]})") from exc
-    return images_from_column(table.column(COLUMN_IMAGE)), table.column(COLUMN_LABEL).to_numpy()
 
 
 def read_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Read a split back with pyarrow: images (N, 28, 28) uint8, labels (N,) uint8."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     path = Path(directory) / split
     if not path.is_dir():
         raise PipelineError(f"{directory}: no {split}/ split (run ingest first)")
-    try:
-        table = pq.read_table(path, columns=[COLUMN_IMAGE, COLUMN_LABEL])
-    except (pa.ArrowException, OSError) as exc:
-        raise PipelineError(f"{path}: unreadable Parquet data ({str(exc).splitlines()[0]})") from exc
+    table = _read_columns(path, [COLUMN_IMAGE, COLUMN_LABEL])
     return images_from_column(table.column(COLUMN_IMAGE)), table.column(COLUMN_LABEL).to_numpy()
 
 

@@ -36,7 +36,7 @@ from pipeline.metrics import (
 )
 from pipeline.model_store import check_model_dir, load_model
 from pipeline.outputs import check_output
-from pipeline.plots import GRID
+from pipeline.plots import GRID, write_plots
 from pipeline.schema import (
     COLUMN_ID,
     COLUMN_IMAGE,
@@ -197,7 +197,6 @@ def evaluate(config: Config, data_dir: Path, train_dir: Path, out: Path, verbose
     report = build_report(config, manifest, info, splits, time.time() - started)
     model, _ = load_model(train_dir)
     with atomic_directory(out, "evaluate") as tmp:
-        from pipeline.plots import write_plots
         from pipeline.report_html import render_html
 
         sample_rows = np.searchsorted(splits.test_scores[COLUMN_ID], splits.test_sample[COLUMN_ID])

@@ -82,9 +82,10 @@ def check_keras_file(path: Path, architecture: dict[str, Any] | None = None) -> 
     """A `.keras` file holding a VAE (of `architecture`, when given) whose weights are all
     finite; returns the architecture it holds."""
     config, weights = read_keras_file(path)
-    if not isinstance(config, dict) or config.get("registered_name") != REGISTERED_NAME:
-        raise PipelineError(f"{path}: not a vae.VAE model (registered name {config.get('registered_name')!r})")
-    stored = config.get("config", {}).get("config")
+    registered = config.get("registered_name") if isinstance(config, dict) else None
+    if registered != REGISTERED_NAME:
+        raise PipelineError(f"{path}: not a vae.VAE model (registered name {registered!r})")
+    stored = (config.get("config") or {}).get("config")
     if architecture is not None and stored != architecture:
         raise PipelineError(f"{path}: holds another architecture than {MODEL_CONFIG_FILE} records")
     bad = non_finite_arrays(weights)

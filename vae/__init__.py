@@ -56,19 +56,25 @@ def __dir__() -> list[str]:
 
 class _RegisterWithKeras(importlib.abc.MetaPathFinder):
     """Imports `vae.model` (which registers VAE and its layers with Keras's
-    serialization) right after `keras` finishes importing."""
+    serialization) right after `keras` finishes importing.
+
+    It stays in place until Keras is really imported: a mere `find_spec("keras")` (a
+    library probing whether Keras is installed) gets a spec that is never run.
+    """
 
     def find_spec(self, name, path=None, target=None):
         if name != "keras":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("keras")
+        others = [finder for finder in sys.meta_path if finder is not self and hasattr(finder, "find_spec")]
+        spec = next((s for s in (finder.find_spec(name, path, target) for finder in others) if s is not None), None)
         if spec is None or spec.loader is None:
             return spec
         load = spec.loader.exec_module
 
         def exec_module(module):
             load(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             importlib.import_module("vae.model")
 
         spec.loader.exec_module = exec_module

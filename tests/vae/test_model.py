@@ -104,7 +104,15 @@ def test_state_is_matched_by_variable_path_not_position():
     assert list(get_state(build_vae(VAEConfig(latent_dim=3, filters=(4, 8), dense_units=8)))) == list(state)
 
 
-@pytest.mark.parametrize("imports", ["import vae, keras", "import keras, vae"])
+@pytest.mark.parametrize(
+    "imports",
+    [
+        "import vae, keras",
+        "import keras, vae",
+        # A library probing for Keras before importing it (TensorFlow and Ray do).
+        "import vae, importlib.util; importlib.util.find_spec('keras'); import keras",
+    ],
+)
 def test_a_saved_model_opens_with_plain_keras_after_import_vae(tmp_path, imports):
     """In a fresh interpreter, whichever of keras and vae is imported first."""
     import subprocess
