@@ -59,11 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--temperature", type=float, default=1.0, help="prior scale (default 1.0)")
     parser.add_argument("--providers", default="auto", help="auto, cpu or cuda (default auto)")
+    parser.add_argument(
+        "--allow-tf32", action="store_true", help="CUDA: faster TF32 arithmetic, images less close to the CPU's"
+    )
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
     args = parser.parse_args(argv)
     try:
         check_out(args.out)
-        with Generator(args.model, providers=args.providers) as generator:
+        with Generator(args.model, providers=args.providers, allow_tf32=args.allow_tf32) as generator:
             batches = generator.sample_batches(args.n, seed=args.seed, temperature=args.temperature)
             write_atomically(args.out, lambda handle: write_grid(handle, batches, args.n))
     except (ArtifactError, ValueError, OSError) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,24 +17,39 @@ from deploy.artifact import DECODER_FILE, ENCODER_FILE, IMAGE_SHAPE, ArtifactErr
 
 MIN_CHUNK_ROWS = 32  # smaller chunks cost more in thread hand-offs than they gain
 STREAM_BATCH = 1024  # images decoded per call by `sample_batches`: memory stays flat in n
+CUDA_MAX_BATCH = 4096  # rows per onnxruntime call on CUDA: device memory stays bounded
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+NO_CPU_FALLBACK = "session.disable_cpu_ep_fallback"
 
 
 def choose_providers(providers: str | Sequence[str] = "auto") -> list[str]:
-    """'auto': CUDA when this onnxruntime offers it, then CPU; 'cpu'/'cuda'; or an explicit list."""
+    """'auto': CUDA when this onnxruntime offers it, then CPU; 'cpu'; 'cuda' (CUDA only:
+    a node CUDA cannot run is an error, not a silent CPU fallback); or an explicit list."""
     available = ort.get_available_providers()
     if providers == "auto":
-        chosen = [p for p in ("CUDAExecutionProvider",) if p in available]
-        return [*chosen, "CPUExecutionProvider"]
+        chosen = [p for p in (CUDA,) if p in available]
+        return [*chosen, CPU]
     if providers == "cpu":
-        return ["CPUExecutionProvider"]
+        return [CPU]
     if providers == "cuda":
-        if "CUDAExecutionProvider" not in available:
+        if CUDA not in available:
             raise ValueError(f"CUDA requested but this onnxruntime offers only {available}")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [CUDA]
+    if isinstance(providers, str):
+        raise ValueError(f"providers must be 'auto', 'cpu', 'cuda' or a list of providers, got {providers!r}")
     missing = [p for p in providers if p not in available]
     if missing:
         raise ValueError(f"providers {missing} not available; this onnxruntime offers {available}")
     return list(providers)
+
+
+def provider_options(providers: list[str], allow_tf32: bool = False, cuda_options: dict | None = None) -> list[dict]:
+    """onnxruntime options for each provider. CUDA computes in full float32 unless
+    `allow_tf32` (TF32 matmuls and convolutions: faster on Ampere and later, but each
+    product keeps only 10 mantissa bits; measured on an H100, whole generated images then
+    differed from the CPU's by up to 0.22, see docs/benchmarks.md)."""
+    cuda = {"use_tf32": "1" if allow_tf32 else "0", **{k: str(v) for k, v in (cuda_options or {}).items()}}
+    return [cuda if p == CUDA else {} for p in providers]
 
 
 class Generator:
@@ -42,15 +58,23 @@ class Generator:
     Args:
         artifact_dir: the export stage's output directory. Every file listed in its
             SHA256SUMS is checked before loading; a mismatch raises ArtifactError.
-        providers: "auto" (CUDA if available, else CPU), "cpu", "cuda", or a list of
-            onnxruntime execution providers.
+        providers: "auto" (CUDA if available, else CPU, nodes CUDA refuses on the
+            CPU), "cpu", "cuda" (every node on CUDA, else ArtifactError at load), or a
+            list of onnxruntime execution providers. `self.providers` says what
+            onnxruntime actually loaded.
         parallel: large batches are split into chunks run by this many threads at
             once (onnxruntime sessions are thread-safe). None: one per CPU core on the
-            CPU provider, 1 (no splitting) on CUDA. onnxruntime's CPU convolutions
-            parallelise poorly within one small image batch, so chunks on separate
-            cores give ~2x the throughput on 2 cores (see benchmarks/inference.py).
+            CPU provider, 1 on CUDA. onnxruntime's CPU convolutions parallelise poorly
+            within one small image batch, so chunks on separate cores give ~2x the
+            throughput on 2 cores (see benchmarks/inference.py).
         intra_op_threads / inter_op_threads: onnxruntime thread pools (0: its
             default, which is 1 intra-op thread per session when `parallel` > 1).
+        allow_tf32: let CUDA use TF32 (see `provider_options`); off by default, so
+            GPU results match the CPU's to float32 rounding.
+        max_batch: most rows per onnxruntime call; larger batches run in pieces.
+            None: 4,096 on CUDA (bounded device memory, and the throughput of a
+            large batch does not fall), unbounded on the CPU.
+        cuda_options: further CUDA provider options, e.g. {"device_id": 1}.
     """
 
     def __init__(
@@ -60,25 +84,37 @@ class Generator:
         parallel: int | None = None,
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
+        allow_tf32: bool = False,
+        max_batch: int | None = None,
+        cuda_options: dict | None = None,
     ):
         self.artifact_dir = Path(artifact_dir)
         sums = verify_checksums(self.artifact_dir)
-        self.providers = choose_providers(providers)
+        requested = choose_providers(providers)
+        on_cpu = requested[0] == CPU
         if parallel is None:
-            parallel = 1 if self.providers[0] != "CPUExecutionProvider" else (os.cpu_count() or 1)
-        if not isinstance(parallel, (int, np.integer)) or parallel < 1:
-            raise ValueError(f"parallel must be a positive integer or None, got {parallel!r}")
+            parallel = (os.cpu_count() or 1) if on_cpu else 1
+        _check_count(parallel, "parallel")
+        if max_batch is not None:
+            _check_count(max_batch, "max_batch")
         self.parallel = int(parallel)
+        self.max_batch = max_batch or (None if on_cpu else CUDA_MAX_BATCH)
         self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="vae-generate") if self.parallel > 1 else None
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads or (1 if self.parallel > 1 else 0)
         options.inter_op_num_threads = inter_op_threads
+        if requested == [CUDA]:  # "cuda" means every node on CUDA: fail rather than fall back
+            options.add_session_config_entry(NO_CPU_FALLBACK, "1")
         self.session_options = options
-        self._decoder = ort.InferenceSession(str(self.artifact_dir / DECODER_FILE), options, providers=self.providers)
+        cuda_and_options = (requested, provider_options(requested, allow_tf32, cuda_options))
+        self._decoder = _session(self.artifact_dir / DECODER_FILE, options, *cuda_and_options)
         self._encoder = None
         if ENCODER_FILE in sums:
-            self._encoder = ort.InferenceSession(str(self.artifact_dir / ENCODER_FILE), options, providers=self.providers)
+            self._encoder = _session(self.artifact_dir / ENCODER_FILE, options, *cuda_and_options)
+        self.providers = self._decoder.get_providers()  # what onnxruntime really runs on
+        if requested[0] == CUDA and self.providers[0] != CUDA:
+            warnings.warn(f"onnxruntime could not start CUDA; running on {self.providers}", stacklevel=2)
         meta = self._decoder.get_modelmeta().custom_metadata_map
         self.latent_dim = int(self._decoder.get_inputs()[0].shape[1])
         self.class_names = json.loads(meta["class_names"]) if "class_names" in meta else None
@@ -99,12 +135,42 @@ class Generator:
         self.close()
 
     def _run(self, session, outputs: list[str], name: str, batch: np.ndarray) -> list[np.ndarray]:
-        """session.run over `batch`, split into chunks on the thread pool when it is large."""
-        chunks = min(2 * self.parallel, len(batch) // MIN_CHUNK_ROWS)
-        if self._pool is None or chunks < 2:
+        """session.run over `batch`. A large batch is split into spans run on the thread
+        pool (CPU) or one after another (CUDA, at most `max_batch` rows each, so device
+        memory stays bounded); each span's outputs are written by onnxruntime straight
+        into its rows of the result (I/O binding), so nothing is concatenated."""
+        if len(batch) < 2 * MIN_CHUNK_ROWS and (self.max_batch is None or len(batch) <= self.max_batch):
+            return session.run(outputs, {name: batch})  # the common small call, without the bookkeeping
+        spans = self._spans(len(batch))
+        if len(spans) == 1:
             return session.run(outputs, {name: batch})
-        parts = self._pool.map(lambda part: session.run(outputs, {name: part}), np.array_split(batch, chunks))
-        return [np.concatenate(column) for column in zip(*parts, strict=True)]
+        shapes = {o.name: o.shape[1:] for o in session.get_outputs()}
+        results = [np.empty((len(batch), *shapes[o]), np.float32) for o in outputs]
+
+        def run_span(span: tuple[int, int]) -> None:
+            start, stop = span
+            binding = session.io_binding()
+            binding.bind_cpu_input(name, batch[start:stop])
+            for output, result in zip(outputs, results, strict=True):
+                rows = result[start:stop]
+                binding.bind_output(output, "cpu", 0, np.float32, rows.shape, rows.ctypes.data)
+            session.run_with_iobinding(binding)
+
+        if self._pool is None:
+            for span in spans:
+                run_span(span)
+        else:
+            list(self._pool.map(run_span, spans))
+        return results
+
+    def _spans(self, rows: int) -> list[tuple[int, int]]:
+        """[start, stop) row ranges: 2 per thread when the batch is large enough, and none
+        longer than `max_batch`."""
+        count = max(1, min(2 * self.parallel, rows // MIN_CHUNK_ROWS)) if self._pool is not None else 1
+        if self.max_batch is not None:
+            count = max(count, -(-rows // self.max_batch))
+        bounds = np.linspace(0, rows, count + 1).round().astype(int)
+        return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
 
     def decode(self, z) -> np.ndarray:
         """Latents (N, latent_dim) -> images (N, 28, 28, 1) float32 in [0, 1].
@@ -170,6 +236,18 @@ class Generator:
         outputs = self._run(self._encoder, ["z_mean", "z_log_var"], "image", images)
         z_mean, z_log_var = _finite(outputs, self.artifact_dir, ENCODER_FILE)
         return z_mean, z_log_var
+
+
+def _session(path: Path, options, providers: list[str], options_per_provider: list[dict]):
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers, provider_options=options_per_provider)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        if providers == [CUDA]:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(
+                f"{path}: cannot run wholly on CUDA ({first}); providers='auto' lets onnxruntime use the CPU"
+            ) from exc
+        raise
 
 
 def _check_count(value, name: str) -> None:

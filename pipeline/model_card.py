@@ -15,6 +15,7 @@ def render_model_card(card: dict[str, Any]) -> str:
                        for key, value in metrics.items())
     )
     checks = card["verification"]
+    providers = "\n".join(f"- {name}: {what}" for name, what in card.get("execution_providers", {}).items())
     return f"""# Fashion-MNIST VAE (ONNX)
 
 {card['description']}
@@ -38,6 +39,9 @@ onnxruntime matched Keras to at most {max(checks['max_abs_difference'].values())
 (tolerance {checks['tolerance']:g}) on {checks['samples']} inputs at batch sizes {checks['batch_sizes']};
 the decoder row by row, given the same rows above. Whole generated images differ by at most
 {checks['generated_max_abs_difference']:.2e}: the row-by-row fill carries small differences down the image.
+
+Execution providers:
+{providers}
 
 ## How to call it
 

@@ -51,6 +51,46 @@ def test_chunked_batches_equal_one_run(artifact):  # noqa: F811
         Generator(artifact.out, providers="cpu", parallel=0)
 
 
+def test_large_batches_run_in_bounded_pieces_written_in_place(artifact):  # noqa: F811
+    """max_batch splits a batch into pieces of at most that many rows; onnxruntime writes
+    each piece's outputs straight into its rows of the result (I/O binding)."""
+    import onnxruntime as ort
+
+    z = np.random.default_rng(6).standard_normal((130, 4)).astype(np.float32)
+    images = np.random.default_rng(7).uniform(size=(130, 28, 28, 1)).astype(np.float32)
+    with Generator(artifact.out, providers="cpu", parallel=1, max_batch=50) as pieces:
+        assert pieces._spans(130) == [(0, 43), (43, 87), (87, 130)]
+        decoder = ort.InferenceSession(str(artifact.out / "decoder.onnx"), providers=["CPUExecutionProvider"])
+        encoder = ort.InferenceSession(str(artifact.out / "encoder.onnx"), providers=["CPUExecutionProvider"])
+        spans = [slice(a, b) for a, b in pieces._spans(130)]
+        expected = np.concatenate([decoder.run(None, {"z": z[s]})[0] for s in spans])
+        assert np.array_equal(pieces.decode(z), expected)
+        z_mean, z_log_var = pieces.encode(images)
+        for got, column in ((z_mean, 0), (z_log_var, 1)):
+            assert np.array_equal(got, np.concatenate([encoder.run(None, {"image": images[s]})[column] for s in spans]))
+    with Generator(artifact.out, providers="cpu", parallel=2, max_batch=20) as both:
+        assert max(b - a for a, b in both._spans(130)) <= 20
+        np.testing.assert_allclose(both.decode(z), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="max_batch"):
+        Generator(artifact.out, providers="cpu", max_batch=0)
+
+
+def test_cuda_is_exact_unless_tf32_is_allowed_and_cuda_means_cuda_only():
+    import onnxruntime as ort
+
+    from deploy.generator import choose_providers, provider_options
+
+    cuda, cpu = "CUDAExecutionProvider", "CPUExecutionProvider"
+    assert provider_options([cuda, cpu]) == [{"use_tf32": "0"}, {}]
+    assert provider_options([cuda], allow_tf32=True, cuda_options={"device_id": 1}) == [
+        {"use_tf32": "1", "device_id": "1"}
+    ]
+    if cuda in ort.get_available_providers():
+        assert choose_providers("cuda") == [cuda]  # no CPU: a refused node is an error
+    with pytest.raises(ValueError, match="providers must be"):
+        choose_providers("gpu")
+
+
 def test_temperature_zero_like_small_values_shrink_toward_the_mean_image(generator):
     cold = generator.sample(64, seed=0, temperature=1e-3)
     assert np.abs(cold - cold[0]).max() < 1e-2
@@ -255,3 +295,22 @@ def test_vae_generate_memory_does_not_grow_with_n(tmp_path, artifact):  # noqa: 
     small = peak_rss_mb(artifact.out, 500, tmp_path / "small.png")
     large = peak_rss_mb(artifact.out, 20_000, tmp_path / "large.png")
     assert large - small < 64, (small, large)
+
+
+def _has_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not _has_cuda(), reason="needs onnxruntime-gpu and a CUDA device")
+def test_both_graphs_run_wholly_on_cuda_and_agree_with_the_cpu(artifact):  # noqa: F811
+    """Run only where CUDA is: sessions with the CPU fallback disabled load both graphs."""
+    z = np.random.default_rng(8).standard_normal((5000, 4)).astype(np.float32)
+    with Generator(artifact.out, providers="cuda") as gpu, Generator(artifact.out, providers="cpu") as cpu:
+        assert gpu.providers == ["CUDAExecutionProvider"]
+        assert gpu.session_options.get_session_config_entry("session.disable_cpu_ep_fallback") == "1"
+        assert np.abs(gpu.decode(z) - cpu.decode(z)).max() < 1e-2
+        images = cpu.decode(z[:64])
+        for got, expected in zip(gpu.encode(images), cpu.encode(images), strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,161 @@
+"""The decoder's row-by-row fill, written straight into the ONNX graph.
+
+tf2onnx turns Keras's fill (`vae.context.fill_rows`) into about 300 nodes: per row a
+Slice and Squeeze for each operand, an Unsqueeze, Pad and Sub for the context. Single-image
+decoding is bound by that node count (each node is a kernel launch on a GPU). This module
+appends the same recurrence to the converted decoder in a few nodes per row:
+
+    base, weights = Split(decoded)                  once
+    base0 = base - 0.5 * sum_k weights_k            once: a background pixel is 0, not -0.5
+    p_i = sigmoid(base0_i + sum_k w_ik * p[i + di_k][j + dj_k])   per row
+
+The two forms are the same sum (Keras centres each context pixel, p - 0.5, and pads
+with -0.5; here the -0.5 is folded into base0 once and the padding is 0). With one context
+pixel straight above (the default, context "above") a row costs Mul, Add and Sigmoid;
+other contexts gather the neighbours in one Gather per row. The export check verifies
+every row against Keras given the same rows above, as before.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+DECODED = "decoded"  # base logit and context weights: (N, H, W, 1 + K) from tf2onnx, (N, 1 + K, H, W) in the fill
+IMAGE = "image"
+
+
+class _Graph:
+    """Appends nodes and constants to a graph under one name prefix."""
+
+    def __init__(self, graph: onnx.GraphProto, prefix: str):
+        self.graph, self.prefix, self.count = graph, prefix, 0
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"{self.prefix}/{hint}_{self.count}"
+
+    def const(self, hint: str, value: np.ndarray) -> str:
+        name = self.name(hint)
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: int | list[str] = 1, **attrs) -> list[str]:
+        names = outputs if isinstance(outputs, list) else [self.name(op.lower()) for _ in range(outputs)]
+        self.graph.node.append(helper.make_node(op, inputs, names, name=self.name(op), **attrs))
+        return names
+
+    def one(self, op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
+        return self.node(op, inputs, [output] if output else 1, **attrs)[0]
+
+
+def append_row_fill(model: onnx.ModelProto, offsets, height: int, width: int) -> onnx.ModelProto:
+    """Replace the graph output `decoded` (N, H, W, 1 + K) by `image` (N, H, W, 1): pixel
+    probabilities filled row by row from the rows above (context `offsets`, as in
+    vae.context), or sigmoid(decoded) without a context. Edits `model` in place.
+
+    The fill works on the convolution's own layout, (N, 1 + K, H, W): the tensor named
+    `decoded` in the result (see `with_decoded_output`)."""
+    graph = model.graph
+    if [o.name for o in graph.output] != [DECODED]:
+        raise ValueError(f"expected one graph output {DECODED!r}, got {[o.name for o in graph.output]}")
+    g = _Graph(graph, "row_fill")
+    _channels_first(graph, g)
+    offsets = tuple(tuple(o) for o in offsets)
+    if not offsets:
+        probabilities = g.one("Sigmoid", [DECODED])  # (N, 1, H, W)
+    else:
+        probabilities = g.one("Concat", _fill(g, offsets, height, width), axis=2)
+    # one channel: (N, 1, H, W) and (N, H, W, 1) hold the same numbers in the same order
+    g.one("Reshape", [probabilities, g.const("shape", np.array([-1, height, width, 1], np.int64))], IMAGE)
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(IMAGE, TensorProto.FLOAT, ["batch", height, width, 1]))
+    return model
+
+
+def _channels_first(graph: onnx.GraphProto, g: _Graph) -> None:
+    """Make `decoded` the (N, C, H, W) tensor: tf2onnx ends the decoder with a Transpose
+    from the convolution's NCHW to Keras's NHWC; drop it (or add the inverse if absent)."""
+    producer = next(n for n in graph.node if DECODED in n.output)
+    perm = [a.ints for a in producer.attribute if a.name == "perm"]
+    if producer.op_type == "Transpose" and perm and list(perm[0]) == [0, 2, 3, 1]:
+        source = producer.input[0]
+        graph.node.remove(producer)
+        for node in graph.node:
+            node.output[:] = [DECODED if name == source else name for name in node.output]
+            node.input[:] = [DECODED if name == source else name for name in node.input]
+    else:
+        producer.output[:] = [f"{DECODED}_nhwc" if name == DECODED else name for name in producer.output]
+        g.one("Transpose", [f"{DECODED}_nhwc"], DECODED, perm=[0, 3, 1, 2])
+
+
+def _fill(g: _Graph, offsets, height: int, width: int) -> list[str]:
+    """Nodes for rows p_0 .. p_{H-1}, each (N, 1, 1, W); returns their names."""
+    k = len(offsets)
+    base, weights = g.node("Split", [DECODED, g.const("split", np.array([1, k], np.int64))], 2, axis=1)
+    weight_sum = weights if k == 1 else g.one("ReduceSum", [weights, g.const("axis", np.array([1], np.int64))])
+    base0 = g.one("Sub", [base, g.one("Mul", [weight_sum, g.const("half", np.float32(0.5))])])
+    row_split = g.const("rows", np.ones(height, np.int64))
+    base_rows = g.node("Split", [base0, row_split], height, axis=2)  # each (N, 1, 1, W)
+    direct = k == 1 and offsets[0][1] == 0
+    if direct:  # the one context pixel sits straight above: w_i * p[i + di]
+        weight_rows = g.node("Split", [weights, row_split], height, axis=2)
+    else:  # gather the neighbours; a weight whose neighbour is off the image is 0
+        mask = np.array([[0 <= j + dj < width for j in range(width)] for _, dj in offsets], np.float32)
+        by_row = g.one("Transpose", [weights], perm=[0, 2, 1, 3])  # (N, H, K, W)
+        by_row = g.one("Unsqueeze", [by_row, g.const("axis", np.array([2], np.int64))])  # (N, H, 1, K, W)
+        masked = g.one("Mul", [by_row, g.const("mask", mask[None, None, None])])
+        weight_rows = g.node("Split", [masked, row_split], height, axis=1)  # each (N, 1, 1, K, W)
+    rows: list[str] = []
+    for i in range(height):
+        inside = [(index, di, dj) for index, (di, dj) in enumerate(offsets) if i + di >= 0]
+        if not inside:  # every context pixel is above the image: background
+            logit = base_rows[i]
+        elif direct:
+            logit = g.one("Add", [base_rows[i], g.one("Mul", [weight_rows[i], rows[i + offsets[0][0]]])])
+        else:
+            logit = g.one("Add", [base_rows[i], _context_term(g, rows, weight_rows[i], i, inside, k, width)])
+        rows.append(g.one("Sigmoid", [logit]))
+    return rows
+
+
+def _context_term(g: _Graph, rows: list[str], weight_row: str, i: int, inside, k: int, width: int) -> str:
+    """sum_k w_ik * p[i + di_k][j + dj_k] for row i, (N, 1, 1, W), by one Gather."""
+    sources = sorted({i + di for _, di, _ in inside})
+    source = rows[sources[0]] if len(sources) == 1 else g.one("Concat", [rows[r] for r in sources], axis=3)
+    index = np.array(
+        [[sources.index(i + di) * width + min(max(j + dj, 0), width - 1) for j in range(width)] for _, di, dj in inside],
+        np.int64,
+    )
+    context = g.one("Gather", [source, g.const("index", index)], axis=3)  # (N, 1, 1, K', W)
+    if len(inside) < k:  # some context pixels are above the image: only the others' weights
+        weight_row = g.one("Gather", [weight_row, g.const("k", np.array([o for o, _, _ in inside], np.int64))], axis=3)
+    product = g.one("Mul", [weight_row, context])
+    return g.one("ReduceSum", [product, g.const("axis", np.array([3], np.int64))], keepdims=0)
+
+
+def with_decoded_output(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of an exported decoder that also outputs `decoded` (N, 1 + K, H, W), the base
+    logits and context weights the fill starts from: what a row-by-row check on another
+    execution provider needs (see `row_logits`)."""
+    model = copy.deepcopy(model)
+    model.graph.output.append(helper.make_tensor_value_info(DECODED, TensorProto.FLOAT, None))
+    return model
+
+
+def row_logits(decoded: np.ndarray, images: np.ndarray, offsets) -> np.ndarray:
+    """numpy: each pixel's logit (N, H, W) given the rows above it in `images` (N, H, W, 1),
+    from the graph's `decoded` (N, 1 + K, H, W). The same sum as vae.context.context_logits,
+    for checking a fill computed elsewhere (another execution provider) row by row."""
+    base, weights = decoded[:, 0].astype(np.float64), decoded[:, 1:].astype(np.float64)
+    pixels = images[..., 0].astype(np.float64) - 0.5
+    height, width = pixels.shape[1:]
+    logits = base.copy()
+    for index, (di, dj) in enumerate(offsets):
+        padded = np.pad(pixels, [(0, 0), (max(-di, 0), max(di, 0)), (max(-dj, 0), max(dj, 0))], constant_values=-0.5)
+        top, left = max(di, 0), max(dj, 0)
+        logits += weights[:, index] * padded[:, top : top + height, left : left + width]
+    return logits
