@@ -13,7 +13,6 @@ Targets: GPU at batch 4,096 >= 10x the CPU; no batch from 256 to 65,536 below ba
 """
 
 import argparse
-import json
 import os
 import time
 
@@ -86,36 +85,6 @@ def throughput(generator, latent: int, batch: int, seconds: float) -> float:
     return calls * batch / (time.perf_counter() - started)
 
 
-def gpu_agreement(artifact: str, allow_tf32: bool, count: int = 4096, providers=("CUDAExecutionProvider",)) -> dict:
-    """GPU against CPU on `count` latents: each row given the same rows above (as the
-    export check), and the whole images."""
-    import onnx
-    import onnxruntime as ort
-
-    from deploy.generator import provider_options
-    from pipeline.onnx_fill import row_logits, with_decoded_output
-    from vae.config import CONTEXTS
-
-    proto = with_decoded_output(onnx.load(os.path.join(artifact, "decoder.onnx")))
-    context = json.loads({p.key: p.value for p in proto.metadata_props}["architecture"]).get("context", "none")
-    z = np.random.default_rng(1).standard_normal((count, proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value))
-    feed = {"z": z.astype(np.float32)}
-    cpu_image, cpu_decoded = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, feed
-    )
-    providers = list(providers)
-    gpu = ort.InferenceSession(
-        proto.SerializeToString(), providers=providers, provider_options=provider_options(providers, allow_tf32)
-    )
-    gpu_image, _ = gpu.run(None, feed)
-    rows = 1 / (1 + np.exp(-row_logits(cpu_decoded, gpu_image, CONTEXTS[context])))[..., None]
-    return {
-        "rows given the same rows above, max": float(np.abs(rows - gpu_image).max()),
-        "whole images, max": float(np.abs(gpu_image - cpu_image).max()),
-        "whole images, mean": float(np.abs(gpu_image - cpu_image).mean()),
-    }
-
-
 def cuda_comparison(args) -> None:
     from deploy import Generator
 
@@ -130,7 +99,14 @@ def cuda_comparison(args) -> None:
     print(f"GPU at 4,096 vs all-core CPU: {rates[4096][0] / rates[4096][1]:.1f}x (target >= 10x)")
     lowest = min(rates[b][0] for b in (256, 4096, 65536)) / rates[256][0]
     print(f"lowest GPU rate from 256 to 65,536 / rate at 256: {lowest:.2f} (target >= 1.0)")
-    for name, value in gpu_agreement(args.artifact, args.allow_tf32).items():
+    from deploy.generator import provider_options
+    from pipeline.onnx_fill import provider_agreement
+
+    cuda = ["CUDAExecutionProvider"]
+    agreement = provider_agreement(
+        os.path.join(args.artifact, "decoder.onnx"), cuda, provider_options(cuda, args.allow_tf32)
+    )
+    for name, value in agreement.items():
         print(f"GPU vs CPU, {name}: {value:.2e}")
 
 

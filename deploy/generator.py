@@ -245,7 +245,8 @@ def _session(path: Path, options, providers: list[str], options_per_provider: li
         if providers == [CUDA]:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ArtifactError(
-                f"{path}: cannot run wholly on CUDA ({first}); providers='auto' lets onnxruntime use the CPU"
+                f"{path}: cannot run wholly on CUDA ({first}); export it again with this version, "
+                "or use providers='auto' to let onnxruntime run the rest on the CPU"
             ) from exc
         raise
 

@@ -159,3 +159,29 @@ def row_logits(decoded: np.ndarray, images: np.ndarray, offsets) -> np.ndarray:
         top, left = max(di, 0), max(dj, 0)
         logits += weights[:, index] * padded[:, top : top + height, left : left + width]
     return logits
+
+
+def provider_agreement(decoder_path, providers: list[str], options: list[dict], count: int = 4096) -> dict[str, float]:
+    """How far an exported decoder on other onnxruntime `providers` is from the CPU, on
+    `count` standard-normal latents: every row against the row the CPU's base logits and
+    context weights give from the *same* rows above (as the export check does against
+    Keras), and the whole images, where a small difference in one row moves the rows below."""
+    import json
+
+    import onnxruntime as ort
+
+    from vae.config import CONTEXTS
+
+    proto = with_decoded_output(onnx.load(str(decoder_path)))
+    context = json.loads({p.key: p.value for p in proto.metadata_props}["architecture"]).get("context", "none")
+    latent = proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    feed = {"z": np.random.default_rng(1).standard_normal((count, latent)).astype(np.float32)}
+    model = proto.SerializeToString()
+    cpu_image, cpu_decoded = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, feed)
+    image, _ = ort.InferenceSession(model, providers=providers, provider_options=options).run(None, feed)
+    rows = 1 / (1 + np.exp(-row_logits(cpu_decoded, image, CONTEXTS[context])))
+    return {
+        "rows given the same rows above, max": float(np.abs(rows[..., None] - image).max()),
+        "whole images, max": float(np.abs(image - cpu_image).max()),
+        "whole images, mean": float(np.abs(image - cpu_image).mean()),
+    }

@@ -15,7 +15,13 @@ from onnx import TensorProto, helper
 
 from pipeline.export import convert, row_by_row_reference
 from pipeline.onnx_cuda import cuda_refusals, make_cuda_friendly
-from pipeline.onnx_fill import DECODED, append_row_fill, row_logits, with_decoded_output
+from pipeline.onnx_fill import (
+    DECODED,
+    append_row_fill,
+    provider_agreement,
+    row_logits,
+    with_decoded_output,
+)
 from tests.pipeline.test_export import artifact  # noqa: F401  (session fixture)
 from vae.config import CONTEXTS, VAEConfig, preset
 
@@ -179,3 +185,12 @@ def test_the_default_decoder_fills_a_row_in_three_nodes(default_model):
     fill = collections.Counter(n.op_type for n in proto.graph.node if n.name.startswith("row_fill/"))
     assert sum(fill.values()) <= 3 * 28 + 6, fill
     assert len(proto.graph.node) <= 110
+
+
+def test_provider_agreement_checks_rows_given_the_rows_above(artifact):  # noqa: F811
+    """The GPU-versus-CPU measure, run CPU against CPU here: rows agree to float rounding
+    (the numpy mirror of the fill against the graph's own), whole images exactly."""
+    cpu = ["CPUExecutionProvider"]
+    same = provider_agreement(artifact.out / "decoder.onnx", cpu, [{}], count=256)
+    assert same["rows given the same rows above, max"] < 1e-6
+    assert same["whole images, max"] == 0.0
