@@ -84,7 +84,7 @@ def onnx_models(model, opset: int):
         z_mean, z_log_var = encoder(image, training=False)
         return z_mean, z_log_var
 
-    # The row fill is appended by hand: tf2onnx would spend ~190 nodes on it (see onnx_fill).
+    # The row fill is appended by hand: tf2onnx spent ~260 nodes on it (see onnx_fill).
     decoder_onnx = convert(decode, [tf.TensorSpec([None, latent], tf.float32, name="z")], opset, [DECODED])
     height, width, _ = model.config.image_shape
     append_row_fill(make_cuda_friendly(decoder_onnx), CONTEXTS[model.config.context], height, width)

@@ -300,6 +300,10 @@ def dataset_proxy(monkeypatch):
     monkeypatch.setenv("HTTP_PROXY", url)
     yield proxy
     proxy.shutdown()
+    # Close the listening socket too: a download tfds still had in flight when the test
+    # ended (it stops at the first 404) is then refused, not left waiting forever for a
+    # status line, which kept pytest from exiting (its thread is joined at exit).
+    proxy.server_close()
 
 
 def row_digests(images, labels):

@@ -22,6 +22,7 @@ def http_server():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+    server.server_close()  # a late client is refused rather than left waiting
 
 
 @pytest.fixture
