@@ -139,8 +139,6 @@ class Generator:
         pool (CPU) or one after another (CUDA, at most `max_batch` rows each, so device
         memory stays bounded); each span's outputs are written by onnxruntime straight
         into its rows of the result (I/O binding), so nothing is concatenated."""
-        if len(batch) < 2 * MIN_CHUNK_ROWS and (self.max_batch is None or len(batch) <= self.max_batch):
-            return session.run(outputs, {name: batch})  # the common small call, without the bookkeeping
         spans = self._spans(len(batch))
         if len(spans) == 1:
             return session.run(outputs, {name: batch})
@@ -169,8 +167,8 @@ class Generator:
         count = max(1, min(2 * self.parallel, rows // MIN_CHUNK_ROWS)) if self._pool is not None else 1
         if self.max_batch is not None:
             count = max(count, -(-rows // self.max_batch))
-        bounds = np.linspace(0, rows, count + 1).round().astype(int)
-        return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
+        bounds = [(2 * rows * i + count) // (2 * count) for i in range(count + 1)]  # rounded i * rows / count
+        return list(zip(bounds[:-1], bounds[1:], strict=True))
 
     def decode(self, z) -> np.ndarray:
         """Latents (N, latent_dim) -> images (N, 28, 28, 1) float32 in [0, 1].

@@ -64,15 +64,13 @@ def convert(function, signature, opset: int, output_names: list[str]):
     return model
 
 
-def onnx_models(model, opset: int):
-    """Build the decoder and encoder ONNX models from a trained VAE."""
+def tf2onnx_graphs(model, opset: int):
+    """What tf2onnx writes for the decoder network (z -> `decoded`, the fill's input) and
+    the encoder (image -> z_mean, z_log_var), before any rewrite."""
     import tensorflow as tf
 
-    from pipeline.onnx_cuda import cuda_refusals, make_cuda_friendly
-    from pipeline.onnx_fill import DECODED, append_row_fill
-    from vae.config import CONTEXTS
+    from pipeline.onnx_fill import DECODED
 
-    latent = model.config.latent_dim
     decoder, encoder = model.decoder, model.encoder
 
     @tf.function
@@ -84,16 +82,21 @@ def onnx_models(model, opset: int):
         z_mean, z_log_var = encoder(image, training=False)
         return z_mean, z_log_var
 
+    latent = tf.TensorSpec([None, model.config.latent_dim], tf.float32, name="z")
+    image = tf.TensorSpec([None, *model.config.image_shape], tf.float32, name="image")
+    return convert(decode, [latent], opset, [DECODED]), convert(encode, [image], opset, ["z_mean", "z_log_var"])
+
+
+def onnx_models(model, opset: int):
+    """Build the decoder and encoder ONNX models from a trained VAE."""
+    from pipeline.onnx_cuda import cuda_refusals, make_cuda_friendly
+    from pipeline.onnx_fill import append_row_fill
+    from vae.config import CONTEXTS
+
+    decoder_onnx, encoder_onnx = tf2onnx_graphs(model, opset)
     # The row fill is appended by hand: tf2onnx spent ~260 nodes on it (see onnx_fill).
-    decoder_onnx = convert(decode, [tf.TensorSpec([None, latent], tf.float32, name="z")], opset, [DECODED])
     height, width, _ = model.config.image_shape
     append_row_fill(make_cuda_friendly(decoder_onnx), CONTEXTS[model.config.context], height, width)
-    encoder_onnx = convert(
-        encode,
-        [tf.TensorSpec([None, *model.config.image_shape], tf.float32, name="image")],
-        opset,
-        ["z_mean", "z_log_var"],
-    )
     make_cuda_friendly(encoder_onnx)
     for name, proto in (("decoder", decoder_onnx), ("encoder", encoder_onnx)):
         refusals = cuda_refusals(proto)
@@ -101,7 +104,7 @@ def onnx_models(model, opset: int):
             raise PipelineError(f"{name}: {len(refusals)} node(s) would leave onnxruntime's CUDA provider: {refusals[0]}")
     return {
         "decoder": (decoder_onnx, row_by_row_reference(model)),
-        "encoder": (encoder_onnx, lambda images, _: encoder(images, training=False)),
+        "encoder": (encoder_onnx, lambda images, _: model.encoder(images, training=False)),
     }
 
 

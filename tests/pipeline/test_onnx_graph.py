@@ -13,10 +13,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from pipeline.export import convert, row_by_row_reference
+from pipeline.export import row_by_row_reference, tf2onnx_graphs
 from pipeline.onnx_cuda import cuda_refusals, make_cuda_friendly
 from pipeline.onnx_fill import (
-    DECODED,
     append_row_fill,
     provider_agreement,
     row_logits,
@@ -29,25 +28,6 @@ from vae.config import CONTEXTS, VAEConfig, preset
 def run(proto: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, feed)
-
-
-def raw_graphs(model):
-    """What tf2onnx writes for the decoder network (z -> decoded) and the encoder."""
-    import tensorflow as tf
-
-    encoder = convert(
-        tf.function(lambda image: model.encoder(image, training=False)),
-        [tf.TensorSpec([None, 28, 28, 1], tf.float32, name="image")],
-        17,
-        ["z_mean", "z_log_var"],
-    )
-    decoder = convert(
-        tf.function(lambda z: model.decoder(z, training=False)),
-        [tf.TensorSpec([None, model.config.latent_dim], tf.float32, name="z")],
-        17,
-        [DECODED],
-    )
-    return decoder, encoder
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +48,7 @@ def test_exported_graphs_hold_no_node_the_cuda_provider_refuses(artifact):  # no
 
 
 def test_what_tf2onnx_writes_is_refused_and_the_rewrite_keeps_cpu_outputs_bit_identical(default_model):
-    decoder, encoder = raw_graphs(default_model)
+    decoder, encoder = tf2onnx_graphs(default_model, 17)
     refused = cuda_refusals(decoder) + cuda_refusals(encoder)
     assert sum("asymmetric pads [0, 0, 1, 1]" in line for line in refused) == 2  # the two stride-2 upconvolutions
     rng = np.random.default_rng(0)
@@ -142,7 +122,7 @@ def test_each_pattern_the_cuda_provider_refuses_is_named(node, inputs, message):
 
 
 def fill_graph(model):
-    decoder, _ = raw_graphs(model)
+    decoder, _ = tf2onnx_graphs(model, 17)
     make_cuda_friendly(decoder)
     return append_row_fill(decoder, CONTEXTS[model.config.context], 28, 28)
 
