@@ -126,11 +126,22 @@ def cmd_upgrade_model(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     config = build_config(args, {})
     from pipeline.run import run_pipeline
-    runs_root = args.runs_root.expanduser()
-    run_dir = args.run_dir.expanduser() if args.run_dir else None
-    result = run_pipeline(config, runs_root, run_dir, force=args.force, verbose=args.verbose)
-    print(f"run complete: {result.run_dir}")
-    print(f"artifact: {result.artifact}")
+    from pipeline.storage import is_uri
+
+    def place(location: str | None) -> str | Path | None:
+        return location if location is None or is_uri(location) else Path(location).expanduser()
+
+    result = run_pipeline(config, place(args.runs_root), place(args.run_dir), force=args.force, verbose=args.verbose)
+    print(f"run complete: {result.location}")
+    print(f"artifact: {result.artifact_location}")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from pipeline.fetch import fetch
+
+    result = fetch(args.run, args.out.expanduser())
+    print(f"artifact fetched: {result.out} ({len(result.files)} files verified against SHA256SUMS, from {result.run})")
     return 0
 
 
@@ -138,12 +149,24 @@ def default_dashboard() -> str:
     return os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
 
 
+def default_cluster_runs_root() -> str:
+    """A configured object-store runs root ($VAE_PIPELINE_RUNS) reaches every node; a
+    local one names this machine's disk, so the cluster gets its own default."""
+    from pipeline.storage import is_uri
+
+    configured = os.environ.get("VAE_PIPELINE_RUNS", "")
+    return configured if is_uri(configured) else CLUSTER_RUNS_ROOT
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline import submit
 
     # The job runs on the cluster, so its own RAY_ADDRESS applies there, not ours.
     config = load_config(args.config, args.overrides)
-    job_id = submit.submit(args.address, config, runs_root=args.runs_root, run_dir=args.run_dir)
+    job = submit.submit(args.address, config, runs_root=args.runs_root, run_dir=args.run_dir)
+    job_id = job.job_id
+    # On stderr: with --no-wait, stdout is the job id alone.
+    print(f"submit: the run will land in {job.run_location}{job.where}", file=sys.stderr)
     if args.no_wait:
         print(job_id)
         return 0
@@ -228,12 +251,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_upgrade_model)
 
     p = sub.add_parser("run", help="all stages in one run directory, cached per stage", allow_abbrev=False)
-    p.add_argument("--run-dir", type=Path, help="run (or continue) in this directory")
+    p.add_argument("--run-dir", help="run (or continue) in this directory or object-store URI (s3://, gs://)")
     p.add_argument(
         "--runs-root",
-        type=Path,
-        default=Path(os.environ.get("VAE_PIPELINE_RUNS", "runs")),  # read once, here
-        help="where new run directories and the `latest` link go (default: $VAE_PIPELINE_RUNS or ./runs)",
+        default=os.environ.get("VAE_PIPELINE_RUNS", "runs"),  # read once, here
+        help="directory or object-store URI where new runs and `latest` go (default: $VAE_PIPELINE_RUNS or ./runs)",
     )
     p.add_argument("--force", metavar="STAGE", help="rerun STAGE and every stage after it")
     _add_config_args(p)
@@ -241,11 +263,20 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="submit `run` to a Ray cluster as a Ray Job", allow_abbrev=False)
     p.add_argument("--address", default=default_dashboard(), help="Ray dashboard, e.g. http://HEAD:8265")
-    p.add_argument("--runs-root", default=CLUSTER_RUNS_ROOT, help="runs directory on the cluster")
-    p.add_argument("--run-dir", help="run directory on the cluster (default: a new one under --runs-root)")
+    p.add_argument(
+        "--runs-root",
+        default=default_cluster_runs_root(),
+        help=f"object-store URI (s3://, gs://) or a directory on the cluster (default: $VAE_PIPELINE_RUNS if it is a URI, else {CLUSTER_RUNS_ROOT})",
+    )
+    p.add_argument("--run-dir", help="run location (default: a new one under --runs-root)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     _add_config_args(p)
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("fetch", help="copy a finished run's artifact here and verify it", allow_abbrev=False)
+    p.add_argument("run", help="run directory or URI, or RUNS/latest (e.g. s3://bucket/runs/latest)")
+    p.add_argument("--out", type=Path, required=True, help="artifact directory to write (new, empty, or an earlier fetch)")
+    p.set_defaults(func=cmd_fetch)
 
     for name, func, text in (("status", cmd_status, "a submitted job's status"), ("logs", cmd_logs, "a submitted job's logs")):
         p = sub.add_parser(name, help=text, allow_abbrev=False)

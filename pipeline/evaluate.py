@@ -34,7 +34,7 @@ from pipeline.metrics import (
     pixel_entropy,
     posterior_health,
 )
-from pipeline.model_store import check_model_dir, load_model
+from pipeline.model_store import check_model_dir, load_model, load_model_from_files, model_files
 from pipeline.outputs import check_output
 from pipeline.plots import GRID, write_plots
 from pipeline.schema import (
@@ -46,6 +46,7 @@ from pipeline.schema import (
     REPORT_HTML,
     REPORT_JSON,
 )
+from pipeline.storage import join
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,8 @@ class ExampleScorer:
     z_log_var, pixel_entropy (the image's reconstruction floor, nats).
     """
 
-    def __init__(self, train_dir: str, iwae_k: int, seed: int):
-        self.model, _ = load_model(Path(train_dir))
+    def __init__(self, model: dict[str, bytes], iwae_k: int, seed: int):
+        self.model, _ = load_model_from_files(model)
         self.iwae_k, self.seed = iwae_k, seed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -129,8 +130,8 @@ def score_batch(model, batch: dict[str, np.ndarray], iwae_k: int, seed: int) -> 
 class LatentEncoder:
     """A Ray Data actor returning posterior means (for the k-NN fit on the train split)."""
 
-    def __init__(self, train_dir: str):
-        self.model, _ = load_model(Path(train_dir))
+    def __init__(self, model: dict[str, bytes]):
+        self.model, _ = load_model_from_files(model)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = np.asarray(batch[COLUMN_IMAGE], dtype=np.float32)[..., None] / 255.0
@@ -183,7 +184,9 @@ def check_inputs(data_dir: Path, train_dir: Path) -> tuple[dict, dict]:
     return manifest, info
 
 
-def evaluate(config: Config, data_dir: Path, train_dir: Path, out: Path, verbose: bool = False) -> EvaluateResult:
+def evaluate(
+    config: Config, data_dir: Path, train_dir: Path, out: Path, verbose: bool = False, parquet: str | None = None
+) -> EvaluateResult:
     """Run the evaluate stage and write EVAL_DIR atomically."""
     data_dir, train_dir, out = Path(data_dir), Path(train_dir), Path(out)
     manifest, info = check_inputs(data_dir, train_dir)
@@ -193,7 +196,7 @@ def evaluate(config: Config, data_dir: Path, train_dir: Path, out: Path, verbose
 
     ray_cluster.connect(config.ray.address, min_cpus=2, verbose=verbose)
     started = time.time()
-    splits = score_splits(config, data_dir, train_dir, verbose)
+    splits = score_splits(config, parquet or str(data_dir.resolve()), train_dir, verbose)
     report = build_report(config, manifest, info, splits, time.time() - started)
     model, _ = load_model(train_dir)
     with atomic_directory(out, "evaluate") as tmp:
@@ -211,9 +214,10 @@ def evaluate(config: Config, data_dir: Path, train_dir: Path, out: Path, verbose
     return EvaluateResult(out, report)
 
 
-def score_splits(config: Config, data_dir: Path, train_dir: Path, verbose: bool) -> SplitResults:
+def score_splits(config: Config, parquet: str, train_dir: Path, verbose: bool) -> SplitResults:
     """One read of each split into the object store, then Ray Data passes over it: test
-    scores, training latents, and both mean images."""
+    scores, training latents, and both mean images. `parquet` is the dataset directory
+    or URI, and the actors get the model's bytes: no node needs this one's disk."""
     import ray
     import ray.data
 
@@ -221,18 +225,18 @@ def score_splits(config: Config, data_dir: Path, train_dir: Path, verbose: bool)
     ev = config.evaluate
     actors = max(1, min(2, int(ray.cluster_resources().get("CPU", 1)) - 1))
     pool = ray.data.ActorPoolStrategy(min_size=1, max_size=actors)
-    model_dir = str(train_dir.resolve())
-    test = ray.data.read_parquet(str(data_dir.resolve() / "test")).materialize()
-    train = ray.data.read_parquet(str(data_dir.resolve() / "train"), columns=[COLUMN_IMAGE, COLUMN_LABEL]).materialize()
+    model = model_files(train_dir)
+    test = ray.data.read_parquet(join(parquet, "test")).materialize()
+    train = ray.data.read_parquet(join(parquet, "train"), columns=[COLUMN_IMAGE, COLUMN_LABEL]).materialize()
     scored = test.map_batches(
         ExampleScorer,
-        fn_constructor_kwargs={"train_dir": model_dir, "iwae_k": ev.iwae_k, "seed": config.seed},
+        fn_constructor_kwargs={"model": model, "iwae_k": ev.iwae_k, "seed": config.seed},
         batch_size=ev.batch_size,
         batch_format="numpy",
         compute=pool,
     )
     latents = train.map_batches(
-        LatentEncoder, fn_constructor_kwargs={"train_dir": model_dir}, batch_size=2000, batch_format="numpy", compute=pool
+        LatentEncoder, fn_constructor_kwargs={"model": model}, batch_size=2000, batch_format="numpy", compute=pool
     )
     sums = [split.map_batches(pixel_sums, batch_size=2000, batch_format="numpy") for split in (train, test)]
     log.info("evaluate: scoring the test split (IWAE k=%d) on %d actors", ev.iwae_k, actors)

@@ -223,6 +223,25 @@ def load_model(train_dir: Path):
     return model, info
 
 
+def model_files(train_dir: Path) -> dict[str, bytes]:
+    """TRAIN_DIR/model/'s files by name, checked first: what a Ray actor on another node
+    (which cannot see this machine's disk) rebuilds the model from."""
+    check_model_dir(train_dir)
+    directory = Path(train_dir) / MODEL_DIR
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir()) if path.is_file()}
+
+
+def load_model_from_files(files: dict[str, bytes]):
+    """The model from `model_files`' output, through a temporary TRAIN_DIR; (model, info)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="vae-model-") as tmp:
+        (Path(tmp) / MODEL_DIR).mkdir()
+        for name, data in files.items():
+            (Path(tmp) / MODEL_DIR / Path(name).name).write_bytes(data)
+        return load_model(Path(tmp))
+
+
 def upgrade_model_dir(train_dir: Path) -> Path:
     """Convert a TRAIN_DIR/model/ of the older format (`weights.npz`, weights listed in the
     order the model creates its variables) to `vae.keras`, checked against the recorded

@@ -9,11 +9,12 @@ checkpoint). RUN must be new, empty or a run directory; RUNS/latest is replaced 
 when it is a symbolic link.
 
 Layout: RUN/run.json, RUN/data/, RUN/train/, RUN/eval/, RUN/artifact/; RUNS/latest
-points at the newest run.
+points at the newest run. RUNS or RUN may be an object-store URI: pipeline.remote_run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -41,6 +42,7 @@ from pipeline.schema import (
     RUN_FORMAT,
     TRAIN_SUMMARY_FILE,
 )
+from pipeline.storage import is_uri, join
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +72,19 @@ NOT_INPUTS = {"train": ("storage_path", "steps_per_execution", "fault_at_epoch",
 
 @dataclass(frozen=True)
 class RunResult:
-    run_dir: Path
+    run_dir: Path | None  # None for a run in an object store (its staging copy is gone)
     record: dict[str, Any]
+    location: str  # the run directory or URI
 
     @property
     def artifact(self) -> Path:
+        if self.run_dir is None:
+            raise ValueError(f"{self.location} is not a local run; use artifact_location")
         return self.run_dir / STAGE_SPECS["export"].directory
+
+    @property
+    def artifact_location(self) -> str:
+        return join(self.location, STAGE_SPECS["export"].directory)
 
 
 def stage_key(name: str, config: Config, record: dict[str, Any]) -> str:
@@ -217,9 +226,10 @@ def check_stage_output(directory: Path, name: str) -> None:
             raise PipelineError(str(exc)) from exc
 
 
-def stage_runners(config: Config, run_dir: Path, verbose: bool) -> dict[str, Callable[[bool], None]]:
+def stage_runners(config: Config, run_dir: Path, verbose: bool, sink: RecordSink) -> dict[str, Callable[[bool], None]]:
     """Each stage as a callable taking `resume` (only training uses it)."""
     d = {name: run_dir / spec.directory for name, spec in STAGE_SPECS.items()}
+    parquet = sink.data_location(d["ingest"])
 
     def ingest(resume: bool) -> None:
         from pipeline.ingest import ingest as run_ingest
@@ -229,12 +239,12 @@ def stage_runners(config: Config, run_dir: Path, verbose: bool) -> dict[str, Cal
     def train(resume: bool) -> None:
         from pipeline.train import train as run_train
 
-        run_train(config, d["ingest"], d["train"], resume=resume, verbose=verbose)
+        run_train(config, d["ingest"], d["train"], resume=resume, verbose=verbose, parquet=parquet)
 
     def evaluate(resume: bool) -> None:
         from pipeline.evaluate import evaluate as run_evaluate
 
-        run_evaluate(config, d["ingest"], d["train"], d["evaluate"], verbose=verbose)
+        run_evaluate(config, d["ingest"], d["train"], d["evaluate"], verbose=verbose, parquet=parquet)
 
     def export(resume: bool) -> None:
         from pipeline.export import export as run_export
@@ -257,17 +267,23 @@ def can_resume_training(run_dir: Path, entry: dict[str, Any], key: str) -> bool:
 
 def run_pipeline(
     config: Config,
-    runs_root: Path = Path("runs"),
-    run_dir: Path | None = None,
+    runs_root: Path | str = Path("runs"),
+    run_dir: Path | str | None = None,
     force: str | None = None,
     verbose: bool = False,
 ) -> RunResult:
-    """Run every stage in order, skipping cached ones; raises PipelineError on failure."""
+    """Run every stage in order, skipping cached ones; raises PipelineError on failure.
+    A `runs_root` or `run_dir` that is an object-store URI runs through pipeline.remote_run."""
     if force is not None and force not in STAGES:
         raise PipelineError(f"--force: unknown stage {force!r}; choose one of {', '.join(STAGES)}")
-    run_dir = choose_run_dir(runs_root, run_dir)
+    if is_uri(run_dir or "") or (run_dir is None and is_uri(runs_root)):
+        from pipeline.remote_run import run_remote
+
+        return run_remote(config, str(runs_root), None if run_dir is None else str(run_dir), force, verbose)
+    runs_root = Path(runs_root)
+    run_dir = choose_run_dir(runs_root, None if run_dir is None else Path(run_dir))
     check_run_dir(run_dir)
-    in_runs_root = run_dir.parent.resolve() == Path(runs_root).resolve()
+    in_runs_root = run_dir.parent.resolve() == runs_root.resolve()
     if in_runs_root:
         check_latest(runs_root)
     try:
@@ -276,12 +292,43 @@ def run_pipeline(
         raise PipelineError(f"{run_dir}: cannot create ({exc.strerror or exc})") from exc
     if in_runs_root:
         point_latest(runs_root, run_dir)
+    log.info("run: %s", run_dir)
+    return run_stages(config, run_dir, force, verbose)
+
+
+class RecordSink:
+    """Where run.json and finished stage outputs go besides the run directory: nowhere
+    for a local run; pipeline.remote_run's object-store copy for a remote one."""
+
+    location: str | None = None  # what the record and the user see as the run's place
+
+    def record(self, record: dict[str, Any]) -> None:
+        """run.json was rewritten."""
+
+    def stage(self, name: str, directory: Path) -> None:
+        """A stage finished writing `directory`; called before run.json says it is complete."""
+
+    def data_location(self, data_dir: Path) -> str | None:
+        """Where Ray Data should read the dataset (None: the local directory)."""
+        return None
+
+
+def save(run_dir: Path, record: dict[str, Any], sink: RecordSink) -> None:
+    write_json(run_dir / RUN_FILE, record)
+    sink.record(record)
+
+
+def run_stages(
+    config: Config, run_dir: Path, force: str | None, verbose: bool, sink: RecordSink | None = None
+) -> RunResult:
+    """The stages in `run_dir`, which exists and may hold an earlier run.json."""
+    sink = sink or RecordSink()
+    location = sink.location or str(run_dir)
     record = load_record(run_dir, config)
     record.setdefault("started", time.time())
-    write_json(run_dir / RUN_FILE, record)
-    log.info("run: %s", run_dir)
+    save(run_dir, record, sink)
     forced = STAGES[STAGES.index(force):] if force else ()
-    runners = stage_runners(config, run_dir, verbose)
+    runners = stage_runners(config, run_dir, verbose, sink)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         for name in STAGES:
@@ -292,7 +339,7 @@ def run_pipeline(
                 continue
             entry = record["stages"].get(name, {})
             resume = name == "train" and name not in forced and can_resume_training(run_dir, entry, key)
-            execute_stage(run_dir, record, name, key, runners[name], resume, config)
+            execute_stage(run_dir, record, name, key, runners[name], resume, config, sink, location)
         record["status"] = "complete"
     except BaseException as exc:
         record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -302,42 +349,49 @@ def run_pipeline(
         signal.signal(signal.SIGTERM, previous)
         record["ended"] = time.time()
         record.pop("pid", None)
-        write_json(run_dir / RUN_FILE, record)
-    record["artifact"] = str(run_dir / STAGE_SPECS["export"].directory)
-    write_json(run_dir / RUN_FILE, record)
-    return RunResult(run_dir, record)
+        # A failed final write must not hide the error that ended the run.
+        with contextlib.suppress(PipelineError) if record["status"] != "complete" else contextlib.nullcontext():
+            save(run_dir, record, sink)
+    record["artifact"] = join(location, STAGE_SPECS["export"].directory)
+    save(run_dir, record, sink)
+    return RunResult(None if sink.location else run_dir, record, location)
 
 
-def execute_stage(run_dir, record, name, key, runner, resume, config) -> None:
+def execute_stage(run_dir, record, name, key, runner, resume, config, sink, location) -> None:
     spec = STAGE_SPECS[name]
     started = time.time()
     entry = {
         "status": "running",
         "key": key,
         "started": started,
-        "output": str(run_dir / spec.directory),
+        "output": join(location, spec.directory),
         "inputs": {up: record["stages"][up]["output_sha256"] for up in UPSTREAM[name]},
         "config": config.to_dict(),
     }
     previous_output = record["stages"].get(name, {}).get("output_sha256")
     record["stages"][name] = entry
-    write_json(run_dir / RUN_FILE, record)
+    save(run_dir, record, sink)
     log.info("run: %s: %s", name, "resuming from its latest checkpoint" if resume else "running")
     try:
         runner(resume)
+        output = output_sha256(run_dir, name)
+        # Uploaded (for a remote run) before run.json may say complete: an upload cut
+        # off leaves the stage "running", never complete.
+        sink.stage(name, run_dir / spec.directory)
     except BaseException as exc:
         entry.update(status="failed", ended=time.time(), error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        write_json(run_dir / RUN_FILE, record)
+        with contextlib.suppress(PipelineError):
+            save(run_dir, record, sink)
         raise
     entry.update(status="complete", ended=time.time(), seconds=time.time() - started)
-    entry["output_sha256"] = output_sha256(run_dir, name)
+    entry["output_sha256"] = output
     if entry["output_sha256"] != previous_output:
         # Later stages were made from another output: stale. (Their keys would say so
         # too; dropping them keeps run.json honest.) An identical output, such as a
         # damaged dataset rebuilt from the same source, keeps them.
         for later in STAGES[STAGES.index(name) + 1 :]:
             record["stages"].pop(later, None)
-    write_json(run_dir / RUN_FILE, record)
+    save(run_dir, record, sink)
     log.info("run: %s: done in %.0f s", name, entry["seconds"])
 
 

@@ -3,14 +3,18 @@
 The job's runtime_env carries this project's source (`working_dir`); the cluster's
 nodes need the pipeline's dependencies installed (the images under docker/ have them).
 The resolved config travels as explicit `--set` arguments, so the job runs exactly the
-configuration resolved here.
+configuration resolved here. The run's name is chosen here, so the user learns where it
+will land before the job starts; with an object-store runs root (see
+pipeline.remote_run) that is a URI every node and `vae-pipeline fetch` reach.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.ray_cluster import check_dashboard, check_reachable
 from pipeline.schema import CLUSTER_RUNS_ROOT
+from pipeline.storage import is_uri, join
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -62,9 +67,23 @@ def client(address: str):
         raise PipelineError(f"cannot use Ray Jobs at {address}: {str(exc).splitlines()[0]}") from exc
 
 
-def submit(address: str, config: Config, runs_root: str = CLUSTER_RUNS_ROOT, run_dir: str | None = None) -> str:
-    """Submit the run; returns the job id."""
+@dataclass(frozen=True)
+class SubmittedJob:
+    job_id: str
+    run_location: str
+    where: str  # "" for an object-store URI; else which node's disk the path is on
+
+
+def new_run_location(runs_root: str) -> str:
+    """A run name chosen here, so that the user learns it before the job starts."""
+    return join(runs_root, f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
+
+
+def submit(address: str, config: Config, runs_root: str = CLUSTER_RUNS_ROOT, run_dir: str | None = None) -> SubmittedJob:
+    """Submit the run; returns the job id and where the run will land."""
     jobs = client(address)
+    run_dir = run_dir or new_run_location(runs_root)
+    where = "" if is_uri(run_dir) else " on the node that runs the job's driver (an s3:// or gs:// --runs-root reaches every node and `fetch`)"
     runtime_env: dict[str, Any] = {
         "working_dir": str(PROJECT_ROOT),
         "excludes": EXCLUDES,
@@ -74,7 +93,7 @@ def submit(address: str, config: Config, runs_root: str = CLUSTER_RUNS_ROOT, run
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
-            return jobs.submit_job(entrypoint=command, runtime_env=runtime_env)
+            return SubmittedJob(jobs.submit_job(entrypoint=command, runtime_env=runtime_env), run_dir, where)
         except RuntimeError as exc:
             # A freshly started head answers before its job agent is up: wait for it.
             if "No available agent" not in str(exc) or time.monotonic() > deadline:

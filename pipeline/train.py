@@ -37,6 +37,7 @@ from pipeline.schema import (
     TENSORBOARD_DIR,
     TRAIN_SUMMARY_FILE,
 )
+from pipeline.storage import join
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,13 @@ def check_batch_fits(train: TrainConfig, train_rows: int) -> None:
         )
 
 
-def train(config: Config, data_dir: Path, out: Path, resume: bool = False, verbose: bool = False) -> TrainResult:
+def train(
+    config: Config, data_dir: Path, out: Path, resume: bool = False, verbose: bool = False, parquet: str | None = None
+) -> TrainResult:
     """Run data-parallel training; returns when TRAIN_DIR/model/ and train.json are written.
+
+    Ray Data reads the Parquet from `parquet` (a directory or URI holding the same
+    dataset, for clusters whose nodes cannot see `data_dir`), else from `data_dir`.
 
     The dataset is checked against its manifest (content hash included) and the batch
     against the split before Ray starts. Training that diverges, ends early or leaves
@@ -118,7 +124,7 @@ def train(config: Config, data_dir: Path, out: Path, resume: bool = False, verbo
     write_json(out / CONFIG_FILE, config.to_dict())
     (out / TRAIN_SUMMARY_FILE).unlink(missing_ok=True)  # not complete until rewritten
     started = time.time()
-    result, events = fit(config, data_dir, manifest, storage, resume_from, out, verbose)
+    result, events = fit(config, parquet or str(data_dir.resolve()), manifest, storage, resume_from, out, verbose)
     if result.checkpoint is None:
         raise PipelineError("training ended without a checkpoint")
     with result.checkpoint.as_directory() as directory:
@@ -141,6 +147,7 @@ def train(config: Config, data_dir: Path, out: Path, resume: bool = False, verbo
         "final_metrics": history[-1],
         "wall_time_s": time.time() - started,
         "worker_group_starts": [e["epoch"] for e in events if e["event"] == "start"],
+        "worker_group_start_times": [e["time"] for e in events if e["event"] == "start"],
         "resumed_from": resume_from,
         "checkpoint": result.checkpoint.path,
         "storage_path": storage,
@@ -161,7 +168,7 @@ def check_history(history: list[dict[str, Any]], epochs: int) -> None:
             raise PipelineError(f"training diverged: non-finite {bad[0]} in epoch {row['epoch'] + 1}")
 
 
-def fit(config, data_dir, manifest, storage, resume_from, out, verbose):
+def fit(config, parquet, manifest, storage, resume_from, out, verbose):
     """Run the TensorflowTrainer in a thread while this thread logs its progress events."""
     import ray
     import ray.data
@@ -178,7 +185,7 @@ def fit(config, data_dir, manifest, storage, resume_from, out, verbose):
     data_context.execution_options.preserve_order = True
     # The training split is small: read it once into the object store, so epochs
     # stream from memory instead of re-reading Parquet.
-    dataset = ray.data.read_parquet(str(Path(data_dir).resolve() / "train"), columns=["image"]).materialize()
+    dataset = ray.data.read_parquet(join(parquet, "train"), columns=["image"]).materialize()
     progress = Queue()
     trainer = TensorflowTrainer(
         train_func,

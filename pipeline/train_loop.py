@@ -153,7 +153,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     worker, strategy = start_worker(loop_config)
     model, optimizer = build_model_and_optimizer(worker, strategy)
     start_epoch, history = restore(model, optimizer, loop_config.get("resume_from"))
-    worker.tell_driver({"event": "start", "epoch": start_epoch, "workers": worker.world})
+    worker.tell_driver({"event": "start", "epoch": start_epoch, "workers": worker.world, "time": time.time()})
     steps = compile_steps(worker, strategy, model, optimizer)
     shard, cache = ray.train.get_dataset_shard("train"), ShardCache()
     for epoch in range(start_epoch, worker.config.train.epochs):

@@ -3,9 +3,39 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
+from tests.helpers import REAL_DATA_DIR, free_port, has_real_data  # noqa: E402
+
+# The S3 server the `s3` fixture starts on loopback: its address is in the environment from
+# the start, so that every process the tests start (local Ray, `ray start` nodes, CLI
+# subprocesses) reaches it the way a cluster's pods reach their object store.
+S3_PORT = free_port()
+os.environ.update(
+    AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}",
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+)
+for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+    os.environ.pop(name, None)
+
 import pytest  # noqa: E402
 
-from tests.helpers import REAL_DATA_DIR, has_real_data  # noqa: E402
+from tests.s3 import S3Server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto's) on 127.0.0.1, for the whole session."""
+    server = S3Server(S3_PORT)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A new, empty bucket; returns its s3:// URI."""
+    return s3_server.new_bucket(request.node.name)
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +81,20 @@ def trained_run(tmp_path_factory, small_dataset, ray_local):
     )
     out = tmp_path_factory.mktemp("train") / "run"
     return train(config, small_dataset, out)
+
+
+@pytest.fixture(scope="session")
+def ray_nodes(tmp_path_factory, s3_server):
+    """A Ray cluster of three nodes on this machine: a head with the Jobs API and no CPUs,
+    and two worker nodes `w1` and `w2` of 3 logical CPUs each; the S3 server is up first,
+    so that every node has its address."""
+    from tests.cluster import LocalCluster
+
+    cluster = LocalCluster(tmp_path_factory.mktemp("raycluster"))
+    try:
+        cluster.start_head()
+        for name in ("w1", "w2"):
+            cluster.add_worker(name, cpus=3)
+        yield cluster
+    finally:
+        cluster.stop()

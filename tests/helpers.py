@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import socket
 import struct
 from pathlib import Path
 
@@ -36,6 +37,12 @@ def write_idx_dir(directory: Path, train_rows: int = 10, test_rows: int = 2, see
         (directory / image_name).write_bytes(gzip.compress(idx_bytes(images)))
         (directory / label_name).write_bytes(gzip.compress(idx_bytes(labels)))
     return directory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def has_real_data() -> bool:

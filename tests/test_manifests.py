@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from pipeline.cli import make_parser
+from pipeline.storage import is_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,22 +18,40 @@ def parses(argv):
     return args
 
 
-def test_rayjob_entrypoint_is_a_pipeline_command():
+def pod_templates(cluster_spec):
+    yield cluster_spec["headGroupSpec"]["template"]["spec"]
+    for group in cluster_spec["workerGroupSpecs"]:
+        yield group["template"]["spec"]
+
+
+def test_rayjob_runs_the_pipeline_into_storage_every_pod_reaches():
     manifest = yaml.safe_load((ROOT / "examples/k8s/rayjob.yaml").read_text())
     assert manifest["kind"] == "RayJob"
-    argv = shlex.split(manifest["spec"]["entrypoint"])
+    # Ray Jobs runs the entrypoint in a shell on the head, whose environment has the ConfigMap.
+    entrypoint = manifest["spec"]["entrypoint"].replace("$VAE_PIPELINE_RUNS", "s3://my-bucket/vae-runs")
+    argv = shlex.split(entrypoint)
     assert argv[0] == "vae-pipeline"
     args = parses(argv[1:])
-    assert args.command == "run" and str(args.runs_root) == "/runs"
-    head = manifest["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert head["image"] == "vae-pipeline:cpu"
+    assert args.command == "run" and is_uri(args.runs_root)
+    cluster = manifest["spec"]["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    for pod in pod_templates(cluster):
+        assert "volumes" not in pod  # no disk that only some pods see
+        container = pod["containers"][0]
+        assert container["image"] == "vae-pipeline:cpu" and "volumeMounts" not in container
+        sources = {next(iter(ref)): ref[next(iter(ref))]["name"] for ref in container["envFrom"]}
+        assert sources == {"secretRef": "vae-pipeline-s3", "configMapRef": "vae-pipeline-storage"}
 
 
-def test_cronjob_runs_submit():
+def test_cronjob_submits_into_the_configured_store():
     manifest = yaml.safe_load((ROOT / "examples/k8s/cronjob.yaml").read_text())
     container = manifest["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    args = parses(container["args"])
-    assert args.command == "submit" and args.address.endswith(":8265")
+    env = {item["name"]: item["valueFrom"]["configMapKeyRef"] for item in container["env"]}
+    assert env["VAE_PIPELINE_RUNS"] == {"name": "vae-pipeline-storage", "key": "VAE_PIPELINE_RUNS"}
+    # Kubernetes replaces $(NAME) in args with the container's variable.
+    argv = [arg.replace("$(VAE_PIPELINE_RUNS)", "s3://my-bucket/vae-runs") for arg in container["args"]]
+    args = parses(argv)
+    assert args.command == "submit" and args.address.endswith(":8265") and is_uri(args.runs_root)
 
 
 def test_cron_line_runs_the_pipeline():

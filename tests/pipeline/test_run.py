@@ -10,6 +10,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.run import RUN_FILE, run_pipeline
+from pipeline.storage import Store
 from tests.helpers import REAL_DATA_DIR, has_real_data, write_idx_dir
 
 
@@ -49,6 +50,10 @@ def test_full_run_then_cached_rerun(tmp_path, source, ray_local):
     assert record["config"]["train"]["epochs"] == 1
     assert all(len(s["output_sha256"]) == 64 for s in record["stages"].values())
     assert (tmp_path / "runs" / "latest").resolve() == result.run_dir.resolve()
+    from pipeline.cli import main
+
+    assert main(["fetch", str(tmp_path / "runs" / "latest"), "--out", str(tmp_path / "fetched")]) == 0
+    assert (tmp_path / "fetched" / "decoder.onnx").read_bytes() == (result.artifact / "decoder.onnx").read_bytes()
 
     again = run_pipeline(config, runs_root=tmp_path / "runs", run_dir=result.run_dir)
     stages, _ = statuses(again.run_dir)
@@ -90,29 +95,37 @@ def test_unknown_force_stage_is_an_error(tmp_path):
         run_pipeline(load_config(), run_dir=tmp_path / "run", force="trian")
 
 
-def test_run_killed_mid_train_is_resumed_not_taken_as_complete(tmp_path, source):
-    run_dir = tmp_path / "run"
+def test_run_killed_mid_train_is_resumed_not_taken_as_complete(s3_bucket, source):
+    """The driver SIGKILLed mid-training, its run in an object store: `run --run-dir` with
+    the same URI (from any machine) resumes from the checkpoint the workers wrote there."""
+    run = f"{s3_bucket}/run"
+    store = Store.open(run)
     overrides = small(source, "train.epochs=6", "data.limit=1024")
-    command = [sys.executable, "-m", "pipeline.cli", "run", "--run-dir", str(run_dir)]
+    command = [sys.executable, "-m", "pipeline.cli", "run", "--run-dir", run]
     for item in overrides:
         command += ["--set", item]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 240
-    while not list((run_dir / "train" / "ray").glob("*/checkpoint_epoch_0001")):
+    while not any("checkpoint_epoch_0001/" in name for name in store.list_files("train/ray")):
         assert process.poll() is None and time.monotonic() < deadline, "training never checkpointed"
-        time.sleep(0.2)
+        time.sleep(0.5)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    stages, _ = statuses(run_dir)
-    assert stages["train"][0] == "running"
-    assert not (run_dir / "train" / "train.json").exists()
+    record = store.read_json(RUN_FILE)
+    assert record["stages"]["train"]["status"] == "running"
+    assert record["stages"]["ingest"]["status"] == "complete"
+    assert store.read_bytes("train/train.json") is None
 
     result = subprocess.run(command, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == f"artifact: {run_dir / 'artifact'}"
-    summary = json.loads((run_dir / "train" / "train.json").read_text())
-    assert summary["resumed_from"] is not None and summary["worker_group_starts"][0] >= 2
+    assert result.stdout.strip().splitlines()[-1] == f"artifact: {run}/artifact"
+    assert "run: ingest: up to date, skipped" in result.stderr
+    summary = store.read_json("train/train.json")
+    assert summary["resumed_from"].startswith(f"{s3_bucket}/run/train/ray/")
+    assert summary["worker_group_starts"][0] >= 2
     assert summary["epochs"] == 6
+    assert store.read_json(RUN_FILE)["status"] == "complete"
+    assert "decoder.onnx" in store.list_files("artifact")
 
 
 def test_a_directory_that_is_not_a_run_is_refused_untouched(tmp_path, capsys):

@@ -64,18 +64,6 @@ def test_one_worker_trains_the_same_whatever_the_steps_per_execution(tmp_path, s
     assert all(np.array_equal(one[name], three[name]) for name in one)
 
 
-def test_crashed_worker_restarts_from_latest_checkpoint(tmp_path, small_dataset, ray_local):
-    config = load_config(
-        overrides=[*TINY, "train.epochs=3", "train.fault_at_epoch=2", "train.max_failures=1"]
-    )
-    result = train(config, small_dataset, tmp_path / "run")
-    # The group started at epoch 0 and died before epoch 2; the new group resumed from
-    # the latest checkpoint Ray Train had registered (epoch 0 or 1), not from scratch.
-    first, restart = result.summary["worker_group_starts"]
-    assert first == 0 and restart in (1, 2)
-    assert [row["epoch"] for row in history(result.out)] == [0, 1, 2]
-
-
 def test_without_retries_a_crash_fails_the_stage(tmp_path, small_dataset, ray_local):
     config = load_config(overrides=[*TINY, "train.epochs=2", "train.fault_at_epoch=1", "train.max_failures=0"])
     with pytest.raises(PipelineError, match="training failed"):

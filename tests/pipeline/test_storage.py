@@ -1,0 +1,160 @@
+"""Runs in an object store: a real S3 server on loopback (moto), reached through pyarrow.fs."""
+
+import json
+import logging
+import re
+import time
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.dataset import check_dataset
+from pipeline.errors import PipelineError
+from pipeline.remote_run import StoreSink
+from pipeline.run import run_pipeline
+from pipeline.storage import RETRY_ENV, Store
+from tests.helpers import single_error_line, write_idx_dir
+
+
+def make_tree(root, files):
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def test_upload_and_download_round_trip(s3_bucket, tmp_path):
+    files = {"a.txt": b"alpha", "sub/b.bin": bytes(range(256)) * 100, ".hidden.json": b"{}"}
+    store = Store.open(f"{s3_bucket}/x")
+    assert store.upload(make_tree(tmp_path / "src", files), "d") == sorted(files)
+    assert store.list_files("d") == sorted(files)
+    store.download("d", tmp_path / "back")
+    assert {name: (tmp_path / "back" / name).read_bytes() for name in files} == files
+
+
+def test_an_upload_replaces_the_stage_but_keeps_what_lives_only_in_the_store(s3_bucket, tmp_path):
+    store = Store.open(s3_bucket)
+    store.upload(make_tree(tmp_path / "one", {"old.txt": b"1", "ray/ckpt": b"c", "keep.txt": b"k"}), "train")
+    store.upload(make_tree(tmp_path / "two", {"keep.txt": b"K"}), "train", skip=["ray"])
+    assert store.list_files("train") == ["keep.txt", "ray/ckpt"]
+    assert store.read_bytes("train/keep.txt") == b"K"
+
+
+def test_a_missing_bucket_is_one_line_without_waiting(s3_server, source):
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as info:
+        run_pipeline(short_run(source), runs_root="s3://no-such-bucket-here/runs")
+    assert re.fullmatch(r"s3://no-such-bucket-here/runs/latest: cannot write: AWS Error NO_SUCH_BUCKET .*: The specified bucket does not exist", str(info.value))
+    assert time.monotonic() - started < 5
+
+
+# A run whose training is refused before Ray starts (a batch larger than the split): the
+# real ingest stage runs and is uploaded, and the run stops at once after it.
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return write_idx_dir(tmp_path_factory.mktemp("idx"), 256, 64)
+
+
+def short_run(source):
+    return load_config(overrides=[f"data.source=idx:{source}", "data.limit=256", "data.rows_per_file=64", "train.batch_size=100000"])
+
+
+def remote_record(location):
+    return Store.open(location).read_json("run.json")
+
+
+def test_each_stage_is_uploaded_before_run_json_says_complete(s3_bucket, source, tmp_path, capsys):
+    with pytest.raises(PipelineError, match="does not fit the training split"):
+        run_pipeline(short_run(source), runs_root=f"{s3_bucket}/runs")
+    latest = Store.open(f"{s3_bucket}/runs").read_json("latest")
+    location = f"{s3_bucket}/runs/{latest['run']}"
+    record = remote_record(location)
+    assert record["status"] == "failed" and record["error"].startswith("train.batch_size 100000")
+    assert record["stages"]["ingest"]["status"] == "complete"
+    assert record["stages"]["ingest"]["output"] == f"{location}/data"
+    assert record["stages"]["train"]["status"] == "failed"
+    assert record["config"]["train"]["storage_path"] == f"{location}/train/ray"
+    Store.open(location).download("data", tmp_path / "data")
+    assert check_dataset(tmp_path / "data", full=True)["rows"] == {"train": 256, "test": 64}
+
+    assert main(["fetch", f"{s3_bucket}/runs/latest", "--out", str(tmp_path / "model")]) == 2
+    assert single_error_line(capsys.readouterr().err) == (
+        f"vae-pipeline: error: {location}: its export stage is not complete (run status: failed); nothing to fetch"
+    )
+    assert not (tmp_path / "model").exists()
+
+
+def test_an_outage_during_an_upload_is_ridden_out(s3_server, s3_bucket, source, monkeypatch, caplog, tmp_path):
+    """Longer than the S3 client's own retries (about 6 s), shorter than the pipeline's."""
+    upload = StoreSink.stage
+
+    def stage_during_outage(self, name, directory):
+        timer = s3_server.outage(8.0)
+        try:
+            upload(self, name, directory)
+        finally:
+            timer.join()
+
+    monkeypatch.setattr(StoreSink, "stage", stage_during_outage)
+    with caplog.at_level(logging.WARNING, logger="pipeline.storage"), pytest.raises(PipelineError, match="does not fit"):
+        run_pipeline(short_run(source), run_dir=f"{s3_bucket}/run")
+    assert "retrying for up to 60 s" in caplog.text
+    record = remote_record(f"{s3_bucket}/run")
+    assert record["stages"]["ingest"]["status"] == "complete"
+    Store.open(f"{s3_bucket}/run").download("data", tmp_path / "data")
+    assert check_dataset(tmp_path / "data", full=True)["content_sha256"]
+
+
+def test_an_upload_cut_off_is_never_taken_as_complete(s3_server, s3_bucket, source, monkeypatch, caplog):
+    upload, location = StoreSink.stage, f"{s3_bucket}/run"
+
+    def cut_off(self, name, directory):
+        self.store.write_text("data/partial-upload", "the first file of an upload")
+        timer = s3_server.outage(9.0)
+        monkeypatch.setenv(RETRY_ENV, "1")
+        try:
+            upload(self, name, directory)
+        finally:
+            timer.join()
+
+    monkeypatch.setattr(StoreSink, "stage", cut_off)
+    with pytest.raises(PipelineError, match="storage unreachable for 1 s") as info:
+        run_pipeline(short_run(source), run_dir=location)
+    assert "\n" not in str(info.value)
+    # (The store was back by the time the failure was recorded; had it not been, the
+    # stage would still read "running".)
+    ingest = remote_record(location)["stages"]["ingest"]
+    assert ingest["status"] == "failed" and "storage unreachable" in ingest["error"]
+
+    # Run again: the stage is made and uploaded again, the partial upload replaced.
+    monkeypatch.setattr(StoreSink, "stage", upload)
+    monkeypatch.delenv(RETRY_ENV)
+    with pytest.raises(PipelineError, match="does not fit"):
+        run_pipeline(short_run(source), run_dir=location)
+    record = remote_record(location)
+    assert record["stages"]["ingest"]["status"] == "complete"
+    assert "partial-upload" not in Store.open(location).list_files("data")
+
+    # An object damaged after the stage was recorded complete: the cache check's hashes
+    # catch it and the stage is made again.
+    store = Store.open(location)
+    part = next(name for name in store.list_files("data") if name.endswith(".parquet"))
+    store.write_text(f"data/{part}", "not parquet")
+    with caplog.at_level(logging.WARNING, logger="pipeline.run"), pytest.raises(PipelineError, match="does not fit"):
+        run_pipeline(short_run(source), run_dir=location)
+    assert "ingest: its output is damaged, running it again" in caplog.text
+    assert store.read_bytes(f"data/{part}") != b"not parquet"
+
+
+def test_a_location_that_is_not_a_run_is_refused_untouched(s3_bucket, source):
+    store = Store.open(f"{s3_bucket}/theirs")
+    store.write_text("notes.txt", "someone else's")
+    with pytest.raises(PipelineError, match=r"theirs: not a run of this pipeline .* refusing to write into it"):
+        run_pipeline(short_run(source), run_dir=store.location)
+    assert store.list_files() == ["notes.txt"]
+    Store.open(f"{s3_bucket}/runs").write_text("latest", "their own latest")
+    with pytest.raises(PipelineError, match="runs/latest: exists and was not written by vae-pipeline"):
+        run_pipeline(short_run(source), runs_root=f"{s3_bucket}/runs")
+    assert Store.open(f"{s3_bucket}/runs").list_files() == ["latest"]
+    assert json.dumps(Store.open(f"{s3_bucket}/runs").read_bytes("latest").decode()) == '"their own latest"'
