@@ -21,6 +21,7 @@ absent or this pipeline's own; anything else is refused untouched.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import tempfile
@@ -90,8 +91,8 @@ def read_run_record(store: Store) -> dict[str, Any] | None:
 
 
 def check_latest(root: Store) -> None:
-    data = root.read_json(LATEST)
-    if root.read_bytes(LATEST) is not None and not (isinstance(data, dict) and data.get("format") == LATEST_FORMAT):
+    data = root.read_bytes(LATEST)
+    if data is not None and read_latest(data) is None:
         raise PipelineError(f"{root.uri(LATEST)}: exists and was not written by vae-pipeline; refusing to replace it")
 
 
@@ -108,10 +109,20 @@ def resolve_run(location: str) -> str:
     root = Store.open(parent)
     if not root.is_remote:
         return str(Path(root.path(LATEST)).resolve())
-    data = root.read_json(LATEST)
-    if not (isinstance(data, dict) and data.get("format") == LATEST_FORMAT and isinstance(data.get("run"), str)):
+    run = read_latest(root.read_bytes(LATEST) or b"")
+    if run is None:
         raise PipelineError(f"{location}: no run is recorded there")
-    return root.uri(data["run"])
+    return root.uri(run)
+
+
+def read_latest(data: bytes) -> str | None:
+    """The run name a `latest` object of this pipeline holds, else None."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    ok = isinstance(value, dict) and value.get("format") == LATEST_FORMAT and isinstance(value.get("run"), str)
+    return value["run"] if ok and "/" not in value["run"] else None
 
 
 def fetch_completed(store: Store, record: dict[str, Any], staging: Path, force: str | None) -> None:
