@@ -1,4 +1,5 @@
-"""`vae-generate`: sample a PNG grid of images from an exported artifact.
+"""`vae-generate`: sample a PNG grid of images from an exported artifact;
+`vae-generate serve`: the model over HTTP (see deploy.serve).
 
 Images are decoded in batches and the PNG is written band by band, so memory stays
 flat however many images are asked for; the file appears under its name only once it
@@ -50,7 +51,45 @@ def write_atomically(path: Path, write) -> None:
         raise
 
 
+def serve_main(argv: list[str]) -> int:
+    """`vae-generate serve`: the model over HTTP (deploy.serve; needs the `serve` extra)."""
+    parser = argparse.ArgumentParser(
+        prog="vae-generate serve", description="Serve an exported VAE over HTTP with Ray Serve.", allow_abbrev=False
+    )
+    parser.add_argument("--model", type=Path, required=True, help="artifact directory (export stage output)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
+    parser.add_argument("--replicas", type=positive_int, default=1, help="Serve replicas (default 1)")
+    parser.add_argument("--address", help="an existing Ray cluster to run on (default: a local Ray)")
+    parser.add_argument("--max-batch-size", type=positive_int, default=64, help="requests per decode call; 1 turns batching off")
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits for more requests (default 2)")
+    parser.add_argument("--max-rows", type=positive_int, default=256, help="latents, images or samples per request")
+    parser.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="request body limit")
+    parser.add_argument(
+        "--ingress", default="auto", choices=("auto", "haproxy", "python"),
+        help="Ray Serve's HTTP ingress (auto: HAProxy when installed, else Serve's Python proxy)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        from deploy.serve import Limits, serve_forever
+    except ImportError as exc:
+        print(f"vae-generate: error: serving needs the serve extra (pip install '.[serve]'): {exc}", file=sys.stderr)
+        return 2
+    limits = Limits(args.max_body_bytes, args.max_rows, args.max_batch_size, args.batch_wait_ms / 1000)
+    try:
+        serve_forever(args.model, args.host, args.port, args.replicas, limits, args.address, args.ingress)
+    except (ArtifactError, ValueError, OSError) as exc:
+        print(f"vae-generate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        return serve_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="vae-generate", description="Sample images from an exported VAE.", allow_abbrev=False
     )

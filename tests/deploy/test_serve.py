@@ -1,0 +1,155 @@
+"""`vae-generate serve`: a real Ray Serve application over HTTP on 127.0.0.1."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from deploy import Generator
+from tests.helpers import free_port
+from tests.pipeline.test_export import artifact  # noqa: F401  (session fixture)
+
+VENV_BIN = os.path.dirname(sys.executable)
+MAX_BODY = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def server(artifact):  # noqa: F811
+    """The CLI in its own process, with its own local Ray, as a user starts it."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    process = subprocess.Popen(
+        [os.path.join(VENV_BIN, "vae-generate"), "serve", "--model", str(artifact.out), "--port", str(port),
+         "--max-body-bytes", str(MAX_BODY), "--batch-wait-ms", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if call(url, "GET", "/healthz")[0] == 200:
+                break
+        except OSError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+        time.sleep(0.5)
+    yield url
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: Serve and Ray shut down
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def generator(artifact):  # noqa: F811
+    return Generator(artifact.out, providers="cpu")
+
+
+def call(url, method, path, body=None, content_type="application/json"):
+    """(status, content type, body bytes); never raises for an HTTP error status."""
+    data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+    request = urllib.request.Request(url + path, data=data, method=method, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.headers.get_content_type(), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get_content_type(), exc.read()
+
+
+def ok_json(result):
+    status, kind, body = result
+    assert status == 200 and kind == "application/json", (status, body[:300])
+    return json.loads(body)
+
+
+def png_of(pixels):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_every_route(server, generator):
+    assert ok_json(call(server, "GET", "/healthz")) == {"status": "ok"}
+    card = ok_json(call(server, "GET", "/v1/model"))
+    assert card["latent_dim"] == generator.latent_dim == 4 and card["providers"][0] == "CPUExecutionProvider"
+
+    z = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    images = np.asarray(ok_json(call(server, "POST", "/v1/decode", {"latents": z.tolist()}))["images"])
+    np.testing.assert_allclose(images, generator.decode(z)[..., 0], atol=1e-6)
+    status, kind, png = call(server, "POST", "/v1/decode", {"latents": z.tolist(), "format": "png"})
+    assert (status, kind) == (200, "image/png") and png[:8] == b"\x89PNG\r\n\x1a\n"
+
+    sampled = ok_json(call(server, "POST", "/v1/sample", {"n": 5, "seed": 3, "temperature": 0.8, "format": "json"}))
+    np.testing.assert_allclose(sampled["images"], generator.sample(5, seed=3, temperature=0.8)[..., 0], atol=1e-6)
+    status, kind, png = call(server, "POST", "/v1/sample", {"n": 4, "seed": 1})
+    assert (status, kind) == (200, "image/png") and png[:8] == b"\x89PNG\r\n\x1a\n"
+
+    pixels = (generator.sample(1, seed=5)[0, ..., 0] * 255).round().astype(np.uint8)
+    encoded = ok_json(call(server, "POST", "/v1/encode", png_of(pixels), content_type="image/png"))
+    z_mean, z_log_var = generator.encode(pixels[None].astype(np.float32) / 255)
+    np.testing.assert_allclose(encoded["z_mean"], z_mean, atol=1e-5)
+    np.testing.assert_allclose(encoded["z_log_var"], z_log_var, atol=1e-5)
+    from_json = ok_json(call(server, "POST", "/v1/encode", {"images": (pixels / 255).tolist()}))
+    np.testing.assert_allclose(from_json["z_mean"], z_mean, atol=1e-5)
+
+
+BAD = [
+    ("wrong shape", "POST", "/v1/decode", {"latents": [[[0.0] * 4]]}, "application/json", 400, "must have shape (N, 4)"),
+    ("wrong latent size", "POST", "/v1/decode", {"latents": [[0.0] * 5]}, "application/json", 400, "got (1, 5)"),
+    ("NaN", "POST", "/v1/decode", b'{"latents": [[NaN, 0, 0, 0]]}', "application/json", 400, "NaN is not a finite number"),
+    ("huge number", "POST", "/v1/decode", b'{"latents": [[1e999, 0, 0, 0]]}', "application/json", 400, "holds NaN or Inf"),
+    ("not numbers", "POST", "/v1/decode", {"latents": [["a", 0, 0, 0]]}, "application/json", 400, "nested list of numbers"),
+    ("no latents", "POST", "/v1/decode", {"z": []}, "application/json", 400, "missing 'latents'"),
+    ("too many rows", "POST", "/v1/decode", {"latents": [[0.0] * 4] * 257}, "application/json", 400, "1 to 256 rows"),
+    ("not JSON", "POST", "/v1/decode", b"latents=1", "application/json", 400, "the body is not JSON"),
+    ("a list body", "POST", "/v1/sample", [1, 2], "application/json", 400, "must be a JSON object"),
+    ("n too large", "POST", "/v1/sample", {"n": 100000}, "application/json", 400, "'n' must be an integer in [1, 256]"),
+    ("n not an integer", "POST", "/v1/sample", {"n": 2.5}, "application/json", 400, "'n' must be an integer"),
+    ("bad temperature", "POST", "/v1/sample", {"temperature": -1}, "application/json", 400, "temperature must be in (0, 10]"),
+    ("bad format", "POST", "/v1/sample", {"format": "gif"}, "application/json", 400, "format must be 'json' or 'png'"),
+    ("not an image", "POST", "/v1/encode", b"this is not a PNG", "image/png", 415, "not a readable PNG"),
+    ("wrong image size", "POST", "/v1/encode", "png 10x10", "image/png", 400, "must be 28x28 pixels, got 10x10"),
+    ("pixels out of range", "POST", "/v1/encode", {"images": [[[2.0] * 28] * 28]}, "application/json", 400, "in [0, 1]"),
+    ("unknown route", "POST", "/v1/nothing", {}, "application/json", 404, "no route POST /v1/nothing"),
+    ("wrong method", "GET", "/v1/decode", None, "application/json", 405, "no route GET /v1/decode"),
+    ("body too large", "POST", "/v1/decode", b" " * (MAX_BODY + 1), "application/json", 413, "over the limit of 65536"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[case[0] for case in BAD])
+def test_bad_input_is_a_4xx_with_a_json_error_and_the_replica_lives(server, case):
+    _, method, path, body, content_type, status, message = case
+    if body == "png 10x10":
+        body = png_of(np.zeros((10, 10), np.uint8))
+    pid = ok_json(call(server, "GET", "/v1/stats"))["replica_pid"]
+    got_status, kind, raw = call(server, method, path, body, content_type)
+    assert (got_status, kind) == (status, "application/json"), raw[:300]
+    assert message in json.loads(raw)["error"]
+    assert ok_json(call(server, "GET", "/healthz")) == {"status": "ok"}
+    assert ok_json(call(server, "GET", "/v1/stats"))["replica_pid"] == pid
+
+
+def test_concurrent_requests_are_decoded_together(server, generator):
+    before = ok_json(call(server, "GET", "/v1/stats"))["decode_calls_by_requests"]
+    latents = np.random.default_rng(1).standard_normal((32, 4)).astype(np.float32)
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda z: call(server, "POST", "/v1/decode", {"latents": [z.tolist()]}), latents))
+    images = np.stack([np.asarray(ok_json(result)["images"][0]) for result in results])
+    np.testing.assert_allclose(images, generator.decode(latents)[..., 0], atol=1e-6)  # each got its own image
+    after = ok_json(call(server, "GET", "/v1/stats"))["decode_calls_by_requests"]
+    new = {int(k): v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+    assert sum(size * count for size, count in new.items()) == 32
+    assert max(new) > 1, new  # at least one onnxruntime call carried several requests
