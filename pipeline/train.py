@@ -186,7 +186,7 @@ def fit(config, parquet, manifest, storage, resume_from, out, verbose):
     # The training split is small: read it once into the object store, so epochs
     # stream from memory instead of re-reading Parquet.
     dataset = ray.data.read_parquet(join(parquet, "train"), columns=["image"]).materialize()
-    progress = Queue()
+    progress = Queue(actor_options=driver_node_actor_options())
     trainer = TensorflowTrainer(
         train_func,
         train_loop_config={
@@ -231,6 +231,11 @@ def fit(config, parquet, manifest, storage, resume_from, out, verbose):
                 event = progress.get(timeout=PROGRESS_WAIT_S)
             except queue.Empty:  # ray.util.queue.Empty subclasses it
                 continue
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                # Its node died: training goes on (Ray Train restarts its workers); only the
+                # per-epoch lines stop. The model and summary come from the checkpoint.
+                log.warning("train: lost the progress channel (%s); waiting for training to end", last_line(exc))
+                break
             if event == FIT_DONE:
                 break
             events.append(event)
@@ -242,6 +247,17 @@ def fit(config, parquet, manifest, storage, resume_from, out, verbose):
     if diverged:
         raise PipelineError(diverged[0])
     return outcome["result"], events
+
+
+def driver_node_actor_options() -> dict[str, Any]:
+    """The progress queue's actor on this driver's node, holding no CPU: a worker node
+    that dies (and with it, anything placed there) must not take the driver's progress
+    channel with it. A head started with --num-cpus 0 still takes it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
 
 
 def training_error(error: BaseException) -> PipelineError:
