@@ -5,13 +5,14 @@ import subprocess
 import sys
 import time
 
-EPOCHS = 3
+EPOCHS = 4
 
 
 def test_a_worker_node_killed_mid_epoch_is_replaced_and_training_resumes(tmp_path, ray_nodes, small_dataset):
     """One worker on each worker node (2 CPUs each, nodes of 3: two never fit on one).
     SIGKILL one node's raylet as soon as an epoch is logged, add a fresh node: the worker
-    group restarts on it from the latest checkpoint and every epoch is there once."""
+    group restarts on it from the latest checkpoint and every epoch is there once. The
+    driver's progress queue must survive too (it once lived on a worker node)."""
     out = tmp_path / "train"
     command = [sys.executable, "-m", "pipeline.cli", "train", "--data", str(small_dataset), "--out", str(out),
                "--address", ray_nodes.address]
@@ -36,11 +37,13 @@ def test_a_worker_node_killed_mid_epoch_is_replaced_and_training_resumes(tmp_pat
     summary = json.loads((out / "train.json").read_text())
     starts, start_times = summary["worker_group_starts"], summary["worker_group_start_times"]
     assert summary["epochs"] == EPOCHS and len(starts) == 2, summary
-    assert starts[0] == 0 and 1 <= starts[1] <= epochs_done
+    # Resumed from a checkpoint, not from scratch. (The killed node's worker may still
+    # finish and checkpoint the epoch in flight before it notices its raylet is gone.)
+    assert starts[0] == 0 and 1 <= starts[1] < EPOCHS
     history = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [row["epoch"] for row in history] == list(range(EPOCHS))
     recovery_s = start_times[1] - killed_at
-    redone = epochs_done - starts[1]
+    redone = max(0, epochs_done - starts[1])
     print(f"\nnode failure: training running again {recovery_s:.1f} s after the node's death; "
           f"{epochs_done} epochs logged when killed, resumed at epoch {starts[1] + 1} ({redone} completed epochs redone "
           "plus the one in flight)")
