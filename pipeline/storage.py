@@ -214,7 +214,8 @@ class Store:
         files = [f for f in files_below(Path(local_dir)) if not f.startswith(skipped)]
         for name in files:
             self._copy(Path(local_dir) / name, join(relative, name))
-        stale = [f for f in self.list_files(relative) if f not in set(files) and not f.startswith(skipped)]
+        written = set(files)
+        stale = [f for f in self.list_files(relative) if f not in written and not f.startswith(skipped)]
         for name in stale:
             self._retry(lambda n=name: self.filesystem.delete_file(self.path(join(relative, n))), "cannot delete", join(relative, name))
         return files
