@@ -1,5 +1,6 @@
 """`vae-generate`: sample a PNG grid of images from an exported artifact;
-`vae-generate serve`: the model over HTTP (see deploy.serve).
+`vae-generate serve`: the model over HTTP (see deploy.serve);
+`vae-generate web`: the browser page that runs the model itself (see deploy.web_server).
 
 Images are decoded in batches and the PNG is written band by band, so memory stays
 flat however many images are asked for; the file appears under its name only once it
@@ -86,10 +87,45 @@ def serve_main(argv: list[str]) -> int:
     return 0
 
 
+def web_main(argv: list[str]) -> int:
+    """`vae-generate web`: the page in deploy/web/ with one artifact, on a local address."""
+    parser = argparse.ArgumentParser(
+        prog="vae-generate web",
+        description="Serve the browser page that runs the VAE with onnxruntime-web, with one artifact.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--model", type=Path, required=True, help="artifact directory (export stage output)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
+    parser.add_argument(
+        "--single-thread", action="store_true",
+        help="no cross-origin isolation headers: WebAssembly runs on one thread",
+    )
+    args = parser.parse_args(argv)
+    from deploy.web_server import make_server
+
+    try:
+        server = make_server(args.model, args.host, args.port, threads=not args.single_thread)
+    except (ArtifactError, ValueError, OSError) as exc:
+        print(f"vae-generate: error: {exc}", file=sys.stderr)
+        return 2
+    mode = "single-threaded" if args.single_thread else "multi-threaded"
+    print(f"vae-generate web: {server.url} ({args.model}, {mode} WebAssembly); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         return serve_main(argv[1:])
+    if argv[:1] == ["web"]:
+        return web_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="vae-generate", description="Sample images from an exported VAE.", allow_abbrev=False
     )

@@ -74,15 +74,17 @@ class SubmittedJob:
     where: str  # "" for an object-store URI; else which node's disk the path is on
 
 
-def new_run_location(runs_root: str) -> str:
-    """A run name chosen here, so that the user learns it before the job starts."""
+def job_run_location(runs_root: str) -> str:
+    """A run name chosen on the client, so that the user learns it before the job starts.
+    The client cannot list the runs root (it may be a path on the cluster), so a random
+    suffix, not a listing as `remote_run.new_run_location`, keeps two jobs apart."""
     return join(runs_root, f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
 
 
 def submit(address: str, config: Config, runs_root: str = CLUSTER_RUNS_ROOT, run_dir: str | None = None) -> SubmittedJob:
     """Submit the run; returns the job id and where the run will land."""
     jobs = client(address)
-    run_dir = run_dir or new_run_location(runs_root)
+    run_dir = run_dir or job_run_location(runs_root)
     where = "" if is_uri(run_dir) else " on the node that runs the job's driver (an s3:// or gs:// --runs-root reaches every node and `fetch`)"
     runtime_env: dict[str, Any] = {
         "working_dir": str(PROJECT_ROOT),

@@ -37,7 +37,7 @@ from pipeline.schema import (
     TENSORBOARD_DIR,
     TRAIN_SUMMARY_FILE,
 )
-from pipeline.storage import join
+from pipeline.storage import Store, join
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +63,17 @@ def storage_location(config: Config, out: Path) -> str:
 
 
 def find_latest_checkpoint(storage: str) -> str | None:
-    """The newest `checkpoint_epoch_NNNN` directory under `storage` (path or URI)."""
-    import pyarrow.fs as pafs
-
-    try:
-        filesystem, root = pafs.FileSystem.from_uri(storage)
-    except (pafs.ArrowInvalid, ValueError):
-        filesystem, root = pafs.LocalFileSystem(), str(Path(storage).resolve())
-    infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    found = []
-    for info in infos:
-        name = info.base_name
-        if info.type == pafs.FileType.Directory and name.startswith(CHECKPOINT_PREFIX):
-            found.append((int(name[len(CHECKPOINT_PREFIX):]), info.mtime_ns or 0, info.path))
-    if not found:
-        return None
-    path = max(found)[2]
-    return storage.split("://")[0] + "://" + path if "://" in storage else path
+    """The newest `checkpoint_epoch_NNNN` directory under `storage` (path or URI): the
+    highest epoch, and of two with the same epoch the later Ray Train run (run names
+    hold their start time)."""
+    store = Store.open(storage)
+    found = set()
+    for name in store.list_files():
+        parts = name.split("/")
+        for depth, part in enumerate(parts[:-1]):
+            if part.startswith(CHECKPOINT_PREFIX) and part[len(CHECKPOINT_PREFIX):].isdigit():
+                found.add((int(part[len(CHECKPOINT_PREFIX):]), "/".join(parts[: depth + 1])))
+    return store.uri(max(found)[1]) if found else None
 
 
 def check_batch_fits(train: TrainConfig, train_rows: int) -> None:
@@ -257,7 +251,7 @@ def driver_node_actor_options() -> dict[str, Any]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
-    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
 
 
 def training_error(error: BaseException) -> PipelineError:

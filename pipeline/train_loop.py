@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -121,9 +122,16 @@ class Worker:
         return self.batch * self.world
 
     def tell_driver(self, event: dict[str, Any]) -> None:
-        """Rank 0 speaks for the worker group."""
-        if self.rank == 0 and self.progress is not None:
+        """Rank 0 speaks for the worker group. The channel is for progress lines only: if
+        its actor is gone (its node died), training goes on without them."""
+        if self.rank != 0 or self.progress is None:
+            return
+        import ray
+
+        try:
             self.progress.put(event)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            print(f"train: progress channel lost ({type(exc).__name__}); epoch lines stop", file=sys.stderr)
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
+# Modules, not names: importing vae.objective or vae.context first loads Keras, whose
+# import hook (vae/__init__.py) imports this module while they are still half-made.
+from vae import context as pixel_context
+from vae import objective
 from vae.config import VAEConfig
-from vae.context import context_logits, context_offsets, fill_rows
-from vae.objective import neg_elbo, reparameterize
 
 
 @keras.saving.register_keras_serializable(package="vae")
@@ -26,7 +28,7 @@ class Sampling(layers.Layer):
     def call(self, inputs):
         z_mean, z_log_var = inputs
         eps = keras.random.normal(ops.shape(z_mean), seed=self.seed_generator, dtype=z_mean.dtype)
-        return reparameterize(z_mean, z_log_var, eps)
+        return objective.reparameterize(z_mean, z_log_var, eps)
 
     def get_config(self):
         return {**super().get_config(), "seed": self.seed}
@@ -57,10 +59,10 @@ class ContextFill(layers.Layer):
     def __init__(self, context: str = "none", **kwargs):
         super().__init__(**kwargs)
         self.context = context
-        self.offsets = context_offsets(context)
+        self.offsets = pixel_context.context_offsets(context)
 
     def call(self, decoded):
-        return fill_rows(decoded, self.offsets)
+        return pixel_context.fill_rows(decoded, self.offsets)
 
     def get_config(self):
         return {**super().get_config(), "context": self.context}
@@ -80,7 +82,7 @@ def build_decoder(config: VAEConfig) -> keras.Model:
         )(x)
         for i in range(2, config.convs_per_stage + 1):
             x = layers.Conv2D(filters, 3, padding="same", activation=config.activation, name=f"decoder_conv{stage}_{i}")(x)
-    outputs = channels + len(context_offsets(config.context))
+    outputs = channels + len(pixel_context.context_offsets(config.context))
     logits = layers.Conv2DTranspose(outputs, 3, padding="same", name="logits", dtype="float32")(x)
     return keras.Model(z, logits, name="decoder")
 
@@ -129,13 +131,13 @@ class VAE(keras.Model):
         if eps is None:
             z = self.sampling([z_mean, z_log_var])
         else:
-            z = reparameterize(z_mean, z_log_var, eps)
+            z = objective.reparameterize(z_mean, z_log_var, eps)
         return z_mean, z_log_var, self.logits(z, images, training=training)
 
     def logits(self, z, images, training: bool = False):
         """Bernoulli logits (N, H, W, C) of `images` given latents z (N, L); with a pixel
         context each pixel also sees the true pixels above it."""
-        return context_logits(self.decoder(z, training=training), images, context_offsets(self.config.context))
+        return pixel_context.context_logits(self.decoder(z, training=training), images, pixel_context.context_offsets(self.config.context))
 
     def generator(self) -> keras.Model:
         """z (N, L) -> pixel probabilities (N, H, W, C): what export ships as the decoder."""
@@ -144,7 +146,7 @@ class VAE(keras.Model):
     def losses_per_example(self, images, training: bool = False, eps=None):
         """(loss, reconstruction, kl) per example, each (N,), in nats."""
         z_mean, z_log_var, logits = self(images, training=training, eps=eps)
-        return neg_elbo(images, logits, z_mean, z_log_var, beta=self.config.beta)
+        return objective.neg_elbo(images, logits, z_mean, z_log_var, beta=self.config.beta)
 
 
 def build_vae(config: VAEConfig, seed: int | None = None) -> VAE:

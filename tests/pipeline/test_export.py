@@ -45,7 +45,7 @@ def test_verification_is_recorded_within_tolerance(artifact):
     assert checks["max_abs_difference"]["encoder"] < 1e-4  # within 1e-5 relative to |value|
     assert 0 <= checks["generated_max_abs_difference"] < 1e-2  # whole images: recorded only
     assert checks["tolerance"] == 1e-5
-    assert checks["samples"] >= 1000 and checks["batch_sizes"] == [1, 7, 256]
+    assert checks["samples"] >= 1000 and checks["batch_sizes"] == [1, 7, 256] and checks["samples_one_at_a_time"] == 100
 
 
 def test_verify_rejects_a_model_that_differs(artifact, trained_run):

@@ -40,54 +40,53 @@ def statuses(run_dir):
     return {name: (s["status"], s.get("skipped", False)) for name, s in record["stages"].items()}, record
 
 
-def test_full_run_then_cached_rerun(tmp_path, source, ray_local):
+def test_a_failed_stage_keeps_earlier_outputs_then_the_run_completes_and_is_cached(tmp_path, source, ray_local):
+    """One run through every stage (they take minutes here), checked at each turn: export
+    fails; the rerun resumes there; a rerun skips everything; --force reruns a stage and
+    what follows; a damaged dataset is rebuilt rather than taken as up to date."""
+    runs = tmp_path / "runs"
+    with pytest.raises(PipelineError, match="differs from Keras"):
+        run_pipeline(load_config(overrides=small(source, "export.tolerance=1e-30")), runs_root=runs)
+    [run_dir] = runs.glob("run-*")
+    stages, record = statuses(run_dir)
+    assert record["status"] == "failed"
+    assert stages["export"][0] == "failed" and stages["evaluate"] == ("complete", False)
+    assert not (run_dir / "artifact").exists()
+
     config = load_config(overrides=small(source))
-    result = run_pipeline(config, runs_root=tmp_path / "runs")
+    result = run_pipeline(config, runs_root=runs, run_dir=run_dir)
     assert (result.artifact / "decoder.onnx").is_file()
     stages, record = statuses(result.run_dir)
     assert record["status"] == "complete" and record["artifact"] == str(result.artifact)
-    assert stages == {name: ("complete", False) for name in ("ingest", "train", "evaluate", "export")}
+    assert [stages[n] for n in ("ingest", "train", "evaluate")] == [("complete", True)] * 3
+    assert stages["export"] == ("complete", False)
     assert record["config"]["train"]["epochs"] == 1
     assert all(len(s["output_sha256"]) == 64 for s in record["stages"].values())
-    assert (tmp_path / "runs" / "latest").resolve() == result.run_dir.resolve()
+    assert (runs / "latest").resolve() == result.run_dir.resolve()
     from pipeline.cli import main
 
-    assert main(["fetch", str(tmp_path / "runs" / "latest"), "--out", str(tmp_path / "fetched")]) == 0
+    assert main(["fetch", str(runs / "latest"), "--out", str(tmp_path / "fetched")]) == 0
     assert (tmp_path / "fetched" / "decoder.onnx").read_bytes() == (result.artifact / "decoder.onnx").read_bytes()
 
-    again = run_pipeline(config, runs_root=tmp_path / "runs", run_dir=result.run_dir)
+    again = run_pipeline(config, runs_root=runs, run_dir=result.run_dir)
     stages, _ = statuses(again.run_dir)
     assert all(skipped for _, skipped in stages.values())
 
-    forced = run_pipeline(config, runs_root=tmp_path / "runs", run_dir=result.run_dir, force="evaluate")
+    forced = run_pipeline(config, runs_root=runs, run_dir=result.run_dir, force="export")
     stages, _ = statuses(forced.run_dir)
-    assert stages["train"] == ("complete", True) and stages["evaluate"] == ("complete", False)
+    assert stages["evaluate"] == ("complete", True) and stages["export"] == ("complete", False)
 
     # A Parquet file truncated inside the finished run: the dataset is rebuilt (its
     # manifest comes out the same, so later stages stay cached), never "up to date".
     part = sorted((result.run_dir / "data" / "train").iterdir())[0]
     part.write_bytes(part.read_bytes()[:-100])
-    healed = run_pipeline(config, runs_root=tmp_path / "runs", run_dir=result.run_dir)
+    healed = run_pipeline(config, runs_root=runs, run_dir=result.run_dir)
     stages, _ = statuses(healed.run_dir)
     assert stages["ingest"] == ("complete", False)
     assert [stages[n] for n in ("train", "evaluate", "export")] == [("complete", True)] * 3
     from pipeline.dataset import check_dataset
 
     check_dataset(result.run_dir / "data", full=True)
-
-
-def test_failed_stage_keeps_earlier_outputs_and_rerun_resumes_there(tmp_path, source, ray_local):
-    run_dir = tmp_path / "run"
-    with pytest.raises(PipelineError, match="differs from Keras"):
-        run_pipeline(load_config(overrides=small(source, "export.tolerance=1e-30")), run_dir=run_dir)
-    stages, record = statuses(run_dir)
-    assert record["status"] == "failed"
-    assert stages["export"][0] == "failed" and stages["evaluate"][0] == "complete"
-    assert not (run_dir / "artifact").exists()
-    result = run_pipeline(load_config(overrides=small(source)), run_dir=run_dir)
-    stages, _ = statuses(result.run_dir)
-    assert [stages[n] for n in ("ingest", "train", "evaluate")] == [("complete", True)] * 3
-    assert stages["export"] == ("complete", False)
 
 
 def test_unknown_force_stage_is_an_error(tmp_path):
