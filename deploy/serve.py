@@ -301,7 +301,42 @@ def serve_forever(
         # drains for half a minute); on a shared cluster only this application is removed.
         if address:
             serve.delete(APP_NAME)
-        ray.shutdown()
+            ray.shutdown()
+        else:
+            ingress_processes = own_haproxy()
+            ray.shutdown()
+            stop_processes(ingress_processes)
+
+
+def own_haproxy() -> list:
+    """The HAProxy processes this process's own Ray started: Ray's shutdown kills the
+    proxy actor but not the HAProxy it runs, which would keep holding the port."""
+    import psutil
+
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.name() == "haproxy":
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
+def stop_processes(processes: list, grace_s: float = 5.0) -> None:
+    import psutil
+
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            continue
 
 
 __all__ = ["ArtifactError", "Limits", "build", "from_args", "serve_forever"]

@@ -84,13 +84,21 @@ def trained_run(tmp_path_factory, small_dataset, ray_local):
 
 
 @pytest.fixture(scope="session")
-def ray_nodes(tmp_path_factory, s3_server):
+def ray_nodes(s3_server):
     """A Ray cluster of three nodes on this machine: a head with the Jobs API and no CPUs,
     and two worker nodes `w1` and `w2` of 3 logical CPUs each; the S3 server is up first,
-    so that every node has its address."""
+    so that every node has its address.
+
+    Its temp dir is a short one under /tmp, not pytest's: Ray's Unix sockets live in it,
+    and a socket path may not pass 107 bytes (pytest's `pytest-of-root/pytest-101/...`
+    did, once the counter reached three digits)."""
+    import shutil
+    import tempfile
+
     from tests.cluster import LocalCluster
 
-    cluster = LocalCluster(tmp_path_factory.mktemp("raycluster"))
+    temp_dir = tempfile.mkdtemp(prefix="vae-rc-", dir="/tmp")
+    cluster = LocalCluster(temp_dir)
     try:
         cluster.start_head()
         for name in ("w1", "w2"):
@@ -98,3 +106,4 @@ def ray_nodes(tmp_path_factory, s3_server):
         yield cluster
     finally:
         cluster.stop()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -49,6 +49,27 @@ def server(artifact):  # noqa: F811
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    # Nothing it started outlives it: HAProxy once did, holding the port.
+    deadline = time.monotonic() + 15
+    while (left := session_processes(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for leftover in left:
+        leftover.kill()
+    assert not left, [" ".join(p.cmdline())[:120] for p in left]
+
+
+def session_processes(session_id: int) -> list:
+    """Live processes of the session the server was started in (start_new_session)."""
+    import psutil
+
+    found = []
+    for candidate in psutil.process_iter():
+        try:
+            if os.getsid(candidate.pid) == session_id and candidate.status() != psutil.STATUS_ZOMBIE:
+                found.append(candidate)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    return found
 
 
 @pytest.fixture(scope="module")
