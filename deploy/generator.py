@@ -139,6 +139,8 @@ class Generator:
         pool (CPU) or one after another (CUDA, at most `max_batch` rows each, so device
         memory stays bounded); each span's outputs are written by onnxruntime straight
         into its rows of the result (I/O binding), so nothing is concatenated."""
+        if len(batch) < 2 * MIN_CHUNK_ROWS and (self.max_batch is None or len(batch) <= self.max_batch):
+            return session.run(outputs, {name: batch})  # one span: the common small call, planned at once
         spans = self._spans(len(batch))
         if len(spans) == 1:
             return session.run(outputs, {name: batch})
@@ -271,6 +273,13 @@ def _finite(outputs: list[np.ndarray], artifact_dir: Path, name: str) -> list[np
 
 def _check_batch(array, item_shape: tuple[int, ...], name: str) -> np.ndarray:
     """A non-empty, finite float32 batch of shape (N, *item_shape); ValueError otherwise."""
+    if (
+        type(array) is np.ndarray and array.dtype == np.float32 and array.shape[1:] == item_shape
+        and array.ndim == len(item_shape) + 1 and array.shape[0] and array.flags.c_contiguous
+    ):  # already what onnxruntime takes (the usual call): only the values to check
+        if not np.isfinite(array).all():
+            raise ValueError(f"{name} contains NaN or Inf")
+        return array
     array = np.asarray(array)
     if array.ndim != len(item_shape) + 1:
         raise ValueError(f"{name} must have shape (N, {', '.join(map(str, item_shape))}), got {array.shape}")

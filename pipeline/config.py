@@ -62,6 +62,7 @@ class ModelConfig:
     dense_units: int | None = None
     activation: str | None = None
     context: str | None = None  # pixel context from the rows above: none, above, rows
+    likelihood: str | None = None  # bernoulli or continuous_bernoulli (a density on [0, 1])
     beta: float = 1.0  # weight of the KL term; 1.0 gives the true ELBO
 
     def __post_init__(self) -> None:
@@ -79,7 +80,7 @@ class ModelConfig:
         from vae.config import preset
 
         base = preset(self.preset).to_dict()
-        for name in ("latent_dim", "filters", "convs_per_stage", "dense_units", "activation", "context"):
+        for name in ("latent_dim", "filters", "convs_per_stage", "dense_units", "activation", "context", "likelihood"):
             value = getattr(self, name)
             if value is not None:
                 base[name] = value

@@ -106,14 +106,16 @@ def score_batch(model, batch: dict[str, np.ndarray], iwae_k: int, seed: int) -> 
     z_mean, z_log_var = (np.asarray(t) for t in model.encoder(images))
     eps = example_noise(ids, seed, (latent,))
     logits = model.logits(reparameterize(z_mean, z_log_var, eps), images)
-    loss, reconstruction, kl = (np.asarray(t) for t in neg_elbo(images, logits, z_mean, z_log_var))
+    likelihood = model.config.likelihood
+    loss, reconstruction, kl = (np.asarray(t) for t in neg_elbo(images, logits, z_mean, z_log_var, likelihood=likelihood))
     # IWAE noise per example: (N, K, L) -> (K, N, L) as iwae_bound draws it.
     iwae_eps = np.transpose(example_noise(ids, seed + 1, (iwae_k, latent)), (1, 0, 2))
 
     def decode(z):  # (K*N, L), K-major: each image repeated K times as the pixel context
         return model.logits(z, ops.tile(images, (iwae_k, 1, 1, 1)))
 
-    bound = iwae_bound(images, z_mean, z_log_var, decode, k=iwae_k, eps=ops.convert_to_tensor(iwae_eps))
+    bound = iwae_bound(images, z_mean, z_log_var, decode, k=iwae_k, eps=ops.convert_to_tensor(iwae_eps),
+                       likelihood=likelihood)
     return {
         COLUMN_ID: ids,
         COLUMN_LABEL: np.asarray(batch[COLUMN_LABEL]),
@@ -254,8 +256,11 @@ def build_report(config, manifest, info, splits: SplitResults, seconds) -> dict[
     neg_elbo = float(scores["loss"].mean())
     neg_iwae = float(-scores["iwae"].mean())
     reconstruction = float(scores["reconstruction"].mean())
-    baseline = mean_image_baseline(splits.train_mean, splits.test_mean)
+    likelihood = info["architecture"].get("likelihood", "bernoulli")
+    baseline = mean_image_baseline(splits.train_mean, splits.test_mean, likelihood)
+    bernoulli = likelihood == "bernoulli"
     test = {
+        "likelihood": likelihood,
         "examples": int(len(scores["loss"])),
         "neg_elbo": neg_elbo,
         "reconstruction": reconstruction,
@@ -271,10 +276,17 @@ def build_report(config, manifest, info, splits: SplitResults, seconds) -> dict[
         "units": "nats per image unless named bits_per_dim",
         "test": test,
         "context": {
-            "reconstruction_floor": float(scores["pixel_entropy"].mean()),
+            # A continuous Bernoulli density is unbounded at 0 and 1: no finite floor.
+            "reconstruction_floor": float(scores["pixel_entropy"].mean()) if bernoulli else None,
             "mean_image_baseline": baseline,
-            "note": "floor: summed pixel entropy, the best any Bernoulli decoder can reach; "
-            "baseline: independent Bernoullis at the training mean image",
+            "note": (
+                "floor: summed pixel entropy, the best any Bernoulli decoder can reach; "
+                "baseline: independent Bernoullis at the training mean image"
+                if bernoulli else
+                "continuous Bernoulli: a density on [0, 1]^784, so these nats are not comparable with a "
+                "Bernoulli model's; no floor (the density is unbounded at 0 and 1); baseline: independent "
+                "continuous Bernoullis whose means are the training mean image"
+            ),
         },
         "posterior": posterior_health(scores["z_mean"], scores["z_log_var"], reconstruction, baseline),
         "clustering": clustering_scores(

@@ -99,7 +99,8 @@ def onnx_models(model, opset: int):
     decoder_onnx, encoder_onnx = tf2onnx_graphs(model, opset)
     # The row fill is appended by hand: tf2onnx spent ~260 nodes on it (see onnx_fill).
     height, width, _ = model.config.image_shape
-    append_row_fill(make_cuda_friendly(decoder_onnx), CONTEXTS[model.config.context], height, width)
+    append_row_fill(make_cuda_friendly(decoder_onnx), CONTEXTS[model.config.context], height, width,
+                    model.config.likelihood)
     make_cuda_friendly(encoder_onnx)
     for name, proto in (("decoder", decoder_onnx), ("encoder", encoder_onnx)):
         refusals = cuda_refusals(proto)
@@ -157,9 +158,9 @@ def row_by_row_reference(model):
     row against Keras *given the same rows above* tests every step of the fill at full
     precision; without a pixel context it is the plain decoder output.
     """
-    from keras import ops
+    from vae import pixel_mean
 
-    return lambda z, outputs: ops.sigmoid(model.logits(z, outputs[0]))
+    return lambda z, outputs: pixel_mean(model.logits(z, outputs[0]), model.config.likelihood)
 
 
 def generated_difference(onnx_path: Path, generator, latents: np.ndarray) -> float:
@@ -277,11 +278,17 @@ def model_card(model, metadata, checks, generated, evaluation, export_config) ->
         else f" Each pixel's probability also depends on the pixels above it (context {model.config.context!r}): "
         "the decoder fills the image row by row, inside the ONNX graph."
     )
+    likelihood = (
+        " Pixels are continuous Bernoulli given z (a proper density on [0, 1]); the image is each pixel's mean."
+        if model.config.likelihood == "continuous_bernoulli"
+        else " Pixels are Bernoulli given z (the keras.io tutorial's likelihood); the image is each pixel's probability."
+    )
     return {
         "name": "fashion-mnist-vae",
         "description": "A convolutional variational autoencoder trained on Fashion-MNIST; the decoder "
         "turns latent vectors into 28x28 greyscale images, the encoder maps images to latent Gaussians."
-        + context,
+        + likelihood + context,
+        "likelihood": model.config.likelihood,
         "files": {
             DECODER_ONNX: {
                 "inputs": {"z": {"shape": ["batch", latent], "dtype": "float32"}},

@@ -40,15 +40,47 @@ def pixel_entropy(images: np.ndarray) -> np.ndarray:
     return -(_xlogx(x) + _xlogx(1.0 - x)).sum(axis=1)
 
 
-def mean_image_baseline(train_mean: np.ndarray, test_mean: np.ndarray) -> float:
-    """Mean -log p(x) on test under independent Bernoullis set to the training mean image.
+def mean_image_baseline(train_mean: np.ndarray, test_mean: np.ndarray, likelihood: str = "bernoulli") -> float:
+    """Mean -log p(x) on test under independent pixels whose means are the training mean
+    image (Bernoulli, or continuous Bernoulli: its logit found by bisection).
 
     Takes the two splits' mean images (pixels in [0, 1]): the log-likelihood is linear in
     x, so its mean over the test images is the log-likelihood of their mean image.
     """
     p = np.clip(np.asarray(train_mean, np.float64).reshape(-1), 1e-6, 1 - 1e-6)
     x = np.asarray(test_mean, np.float64).reshape(-1)
-    return float(-(x * np.log(p) + (1.0 - x) * np.log1p(-p)).sum())
+    if likelihood == "bernoulli":
+        return float(-(x * np.log(p) + (1.0 - x) * np.log1p(-p)).sum())
+    logits = cb_logits_for_means(p)
+    log_p = -np.logaddexp(0.0, -logits)  # log sigmoid(l)
+    log_q = -np.logaddexp(0.0, logits)  # log sigmoid(-l)
+    return float(-(x * log_p + (1.0 - x) * log_q + cb_log_norm(logits)).sum())
+
+
+def cb_log_norm(logits: np.ndarray) -> np.ndarray:
+    """numpy twin of vae.objective.continuous_bernoulli_log_norm (float64)."""
+    a = np.maximum(np.abs(logits), 1e-3)
+    exact = np.log(a) - np.log(-np.expm1(-a)) + np.log1p(np.exp(-a))
+    return np.where(np.abs(logits) < 1e-3, np.log(2.0) + np.square(logits) / 12.0, exact)
+
+
+def cb_mean(logits: np.ndarray) -> np.ndarray:
+    """numpy: the continuous Bernoulli's mean 1 / (1 - exp(-l)) - 1 / l (1/2 at 0)."""
+    small = np.abs(logits) < 1e-4
+    safe = np.where(small, 1.0, logits)
+    with np.errstate(over="ignore"):  # exp(-l) -> inf for l << 0: the first term -> 0, rightly
+        return np.where(small, 0.5 + logits / 12.0, 1.0 / -np.expm1(-safe) - 1.0 / safe)
+
+
+def cb_logits_for_means(means: np.ndarray, iterations: int = 80) -> np.ndarray:
+    """The logits whose continuous Bernoulli means are `means` (in (0, 1)); the mean
+    rises with the logit, so bisection on [-1e6, 1e6] (means 1e-6 to 1 - 1e-6)."""
+    low, high = np.full(means.shape, -1e6), np.full(means.shape, 1e6)
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        above = cb_mean(middle) > means
+        high, low = np.where(above, middle, high), np.where(above, low, middle)
+    return (low + high) / 2
 
 
 def clustering_scores(

@@ -24,7 +24,7 @@ def render_model_card(card: dict[str, Any]) -> str:
 
 | file | input | output |
 | --- | --- | --- |
-| decoder.onnx | `z` float32 [batch, {latent}] | `image` float32 [batch, 28, 28, 1], pixel probabilities in [0, 1] |
+| decoder.onnx | `z` float32 [batch, {latent}] | `image` float32 [batch, 28, 28, 1], pixel means in [0, 1] ({card.get('likelihood', 'bernoulli').replace('_', ' ')}) |
 | encoder.onnx | `image` float32 [batch, 28, 28, 1] in [0, 1] | `z_mean`, `z_log_var` float32 [batch, {latent}] |
 
 The batch dimension is dynamic. ONNX opset {card['opset']}. `SHA256SUMS` lists every file's hash.

@@ -29,9 +29,10 @@ from onnx import helper, numpy_helper, shape_inference
 
 CUDA_OPS = frozenset(
     {
-        "Add", "Cast", "Concat", "ConstantOfShape", "Conv", "ConvTranspose", "Div", "Elu", "Erf", "Exp", "Gather", "Identity",
+        "Abs", "Add", "Cast", "Concat", "ConstantOfShape", "Conv", "ConvTranspose", "Div", "Elu", "Erf", "Exp", "Gather", "Identity",
         "MatMul", "Gemm", "Mul", "Neg", "ReduceSum", "Relu", "Reshape", "Sigmoid", "Slice", "Softplus",
         "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Pow", "Max", "Min",
+        "Less", "Where",
     }
 )  # fmt: skip
 SHAPE_OPS = ("Shape", "Size")

@@ -53,10 +53,12 @@ class _Graph:
         return self.node(op, inputs, [output] if output else 1, **attrs)[0]
 
 
-def append_row_fill(model: onnx.ModelProto, offsets, height: int, width: int) -> onnx.ModelProto:
+def append_row_fill(
+    model: onnx.ModelProto, offsets, height: int, width: int, likelihood: str = "bernoulli"
+) -> onnx.ModelProto:
     """Replace the graph output `decoded` (N, H, W, 1 + K) by `image` (N, H, W, 1): pixel
-    probabilities filled row by row from the rows above (context `offsets`, as in
-    vae.context), or sigmoid(decoded) without a context. Edits `model` in place.
+    means filled row by row from the rows above (context `offsets`, as in vae.context),
+    or the mean of `decoded` without a context. Edits `model` in place.
 
     The fill works on the convolution's own layout, (N, 1 + K, H, W): the tensor named
     `decoded` in the result (see `with_decoded_output`)."""
@@ -66,10 +68,11 @@ def append_row_fill(model: onnx.ModelProto, offsets, height: int, width: int) ->
     g = _Graph(graph, "row_fill")
     _channels_first(graph, g)
     offsets = tuple(tuple(o) for o in offsets)
+    mean = _mean_nodes(likelihood)
     if not offsets:
-        probabilities = g.one("Sigmoid", [DECODED])  # (N, 1, H, W)
+        probabilities = mean(g, DECODED)  # (N, 1, H, W)
     else:
-        probabilities = g.one("Concat", _fill(g, offsets, height, width), axis=2)
+        probabilities = g.one("Concat", _fill(g, offsets, height, width, mean), axis=2)
     # one channel: (N, 1, H, W) and (N, H, W, 1) hold the same numbers in the same order
     g.one("Reshape", [probabilities, g.const("shape", np.array([-1, height, width, 1], np.int64))], IMAGE)
     del graph.output[:]
@@ -93,7 +96,32 @@ def _channels_first(graph: onnx.GraphProto, g: _Graph) -> None:
         g.one("Transpose", [f"{DECODED}_nhwc"], DECODED, perm=[0, 3, 1, 2])
 
 
-def _fill(g: _Graph, offsets, height: int, width: int) -> list[str]:
+def _mean_nodes(likelihood: str):
+    """g, logits -> the pixel mean's nodes: one Sigmoid for the Bernoulli; for the
+    continuous Bernoulli the formula of vae.objective.pixel_mean, node for node."""
+    if likelihood == "bernoulli":
+        return lambda g, logits: g.one("Sigmoid", [logits])
+    if likelihood != "continuous_bernoulli":
+        raise ValueError(f"unknown likelihood {likelihood!r}")
+    from vae.objective import CB_SERIES_BELOW
+
+    def mean(g: _Graph, logits: str) -> str:
+        small = g.one("Less", [g.one("Abs", [logits]), g.const("below", np.float32(CB_SERIES_BELOW))])
+        safe = g.one("Where", [small, g.const("below", np.float32(CB_SERIES_BELOW)), logits])
+        one = g.const("one", np.float32(1.0))
+        tail = g.one("Div", [one, g.one("Sub", [one, g.one("Exp", [g.one("Neg", [safe])])])])
+        exact = g.one("Sub", [tail, g.one("Div", [one, safe])])
+        square = g.one("Mul", [logits, logits])
+        inner = g.one("Add", [g.const("c5", np.float32(-1.0 / 720.0)),
+                              g.one("Mul", [square, g.const("c7", np.float32(1.0 / 30240.0))])])
+        inner = g.one("Add", [g.const("c3", np.float32(1.0 / 12.0)), g.one("Mul", [square, inner])])
+        series = g.one("Add", [g.const("half", np.float32(0.5)), g.one("Mul", [logits, inner])])
+        return g.one("Where", [small, series, exact])
+
+    return mean
+
+
+def _fill(g: _Graph, offsets, height: int, width: int, mean) -> list[str]:
     """Nodes for rows p_0 .. p_{H-1}, each (N, 1, 1, W); returns their names."""
     k = len(offsets)
     base, weights = g.node("Split", [DECODED, g.const("split", np.array([1, k], np.int64))], 2, axis=1)
@@ -119,7 +147,7 @@ def _fill(g: _Graph, offsets, height: int, width: int) -> list[str]:
             logit = g.one("Add", [base_rows[i], g.one("Mul", [weight_rows[i], rows[i + offsets[0][0]]])])
         else:
             logit = g.one("Add", [base_rows[i], _context_term(g, rows, weight_rows[i], i, inside, k, width)])
-        rows.append(g.one("Sigmoid", [logit]))
+        rows.append(mean(g, logit))
     return rows
 
 
@@ -174,13 +202,20 @@ def provider_agreement(decoder_path, providers: list[str], options: list[dict], 
     from vae.config import CONTEXTS
 
     proto = with_decoded_output(onnx.load(str(decoder_path)))
-    context = json.loads({p.key: p.value for p in proto.metadata_props}["architecture"]).get("context", "none")
+    architecture = json.loads({p.key: p.value for p in proto.metadata_props}["architecture"])
+    context = architecture.get("context", "none")
     latent = proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value
     feed = {"z": np.random.default_rng(1).standard_normal((count, latent)).astype(np.float32)}
     model = proto.SerializeToString()
     cpu_image, cpu_decoded = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, feed)
     image, _ = ort.InferenceSession(model, providers=providers, provider_options=options).run(None, feed)
-    rows = 1 / (1 + np.exp(-row_logits(cpu_decoded, image, CONTEXTS[context])))
+    logits = row_logits(cpu_decoded, image, CONTEXTS[context])
+    if architecture.get("likelihood", "bernoulli") == "continuous_bernoulli":
+        from pipeline.metrics import cb_mean
+
+        rows = cb_mean(logits)
+    else:
+        rows = 1 / (1 + np.exp(-logits))
     return {
         "rows given the same rows above, max": float(np.abs(rows[..., None] - image).max()),
         "whole images, max": float(np.abs(image - cpu_image).max()),

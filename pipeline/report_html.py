@@ -21,6 +21,9 @@ def _table(title: str, values: dict[str, Any]) -> str:
 
 def render_html(report: dict[str, Any], plot_dir: Path) -> str:
     test, posterior = report["test"], report["posterior"]
+    likelihood = test.get("likelihood", "bernoulli")
+    floor_nats = report["context"]["reconstruction_floor"]
+    floor = "Mean" if floor_nats is None else f"Reconstruction floor {floor_nats:.1f}, mean"
     verdict = (
         "<p class=bad>Posterior collapse: " + html.escape("; ".join(posterior["collapse_reasons"])) + "</p>"
         if posterior["posterior_collapse"]
@@ -45,8 +48,9 @@ figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 460px; }}
 <h1>VAE evaluation report</h1>
 <p>Test negative ELBO <b>{test['neg_elbo']:.2f}</b> nats per image
 ({test['neg_elbo_bits_per_dim']:.4f} bits/dim); importance-weighted bound (k={test['iwae_k']})
-<b>{test['neg_iwae']:.2f}</b> nats. Reconstruction floor {report['context']['reconstruction_floor']:.1f},
-mean-image baseline {report['context']['mean_image_baseline']:.1f} nats.</p>
+<b>{test['neg_iwae']:.2f}</b> nats, under the <b>{likelihood.replace('_', ' ')}</b> likelihood
+(numbers compare only with models of the same likelihood). {floor}-image baseline
+{report['context']['mean_image_baseline']:.1f} nats.</p>
 {verdict}
 {_table("Test set (nats per image)", test)}
 {_table("Context", report["context"])}

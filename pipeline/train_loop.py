@@ -252,6 +252,7 @@ def compile_steps(worker: Worker, strategy, model, optimizer) -> Steps:
 
     config, batch, global_batch = worker.config, worker.batch, worker.global_batch
     latent_dim, beta, free_bits = model.config.latent_dim, model.config.beta, config.train.free_bits
+    likelihood = model.config.likelihood
     scaled_loss = config.train.precision == "mixed_float16"
 
     def replica_step(images, noise_seed):
@@ -260,7 +261,7 @@ def compile_steps(worker: Worker, strategy, model, optimizer) -> Steps:
         eps = tf.random.stateless_normal((batch, latent_dim), seed=noise_seed)
         with tf.GradientTape() as tape:
             z_mean, z_log_var, logits = model(x, training=True, eps=eps)
-            loss, reconstruction, kl = neg_elbo(x, logits, z_mean, z_log_var, beta=beta)
+            loss, reconstruction, kl = neg_elbo(x, logits, z_mean, z_log_var, beta=beta, likelihood=likelihood)
             if free_bits > 0:  # the objective; the metrics below stay the true ELBO
                 kl_term = batch * free_bits_kl(z_mean, z_log_var, free_bits)
                 objective = (tf.reduce_sum(reconstruction) + beta * kl_term) / global_batch

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 ACTIVATIONS = ("relu", "elu", "gelu", "swish")
+# Pixel likelihoods (see vae.objective): the Bernoulli of the keras.io tutorial, which is not
+# a density on grey pixels, and the continuous Bernoulli, which is.
+LIKELIHOODS = ("bernoulli", "continuous_bernoulli")
 # Pixel contexts (see vae.context): name -> offsets (row, column) of the context pixels,
 # each in an earlier row.
 CONTEXTS: dict[str, tuple[tuple[int, int], ...]] = {
@@ -40,6 +43,7 @@ class VAEConfig:
     activation: str = "relu"
     beta: float = 1.0
     context: str = "none"  # pixel context from the rows above: "none", "above" or "rows"
+    likelihood: str = "bernoulli"  # of each pixel given z (and the context): see LIKELIHOODS
     image_shape: tuple[int, int, int] = (28, 28, 1)
 
     def __post_init__(self) -> None:
@@ -57,6 +61,8 @@ class VAEConfig:
             raise ValueError(f"beta must be > 0 and <= 1000, got {self.beta}")
         if self.context not in CONTEXTS:
             raise ValueError(f"context must be one of {sorted(CONTEXTS)}, got {self.context!r}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         if self.context != "none" and self.image_shape[2] != 1:
             raise ValueError(f"context {self.context!r} needs single-channel images, got {self.image_shape}")
         if self.image_shape[0] % 4 or self.image_shape[1] % 4:

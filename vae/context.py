@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from keras import ops
 
+from vae import objective
 from vae.config import CONTEXTS
 
 
@@ -43,11 +44,12 @@ def context_logits(decoded, images, offsets):
     return base + ops.sum(weights * context, axis=-1, keepdims=True)
 
 
-def fill_rows(decoded, offsets):
-    """Pixel probabilities (N, H, W, 1) generated row by row: each row's context is the
-    probabilities of the rows above. Without offsets, sigmoid(decoded)."""
+def fill_rows(decoded, offsets, likelihood: str = "bernoulli"):
+    """Pixel means (N, H, W, 1) generated row by row: each row's context is the means of
+    the rows above (`objective.pixel_mean`: sigmoid for the Bernoulli). Without offsets,
+    the mean of `decoded` itself."""
     if not offsets:
-        return ops.sigmoid(decoded)
+        return objective.pixel_mean(decoded, likelihood)
     height, width = decoded.shape[1], decoded.shape[2]
     base, weights = decoded[..., 0], decoded[..., 1:]  # (N, H, W), (N, H, W, K)
     rows: list = []  # centred probabilities (p - 0.5) of the rows filled so far, (N, W)
@@ -59,5 +61,5 @@ def fill_rows(decoded, offsets):
                 pad = [[0, 0], [max(-dj, 0), max(dj, 0)]]
                 above = ops.pad(above, pad, constant_values=-0.5)[:, max(dj, 0) : max(dj, 0) + width]
             logit = logit + weights[:, i, :, k] * above
-        rows.append(ops.sigmoid(logit) - 0.5)
+        rows.append(objective.pixel_mean(logit, likelihood) - 0.5)
     return ops.stack(rows, axis=1)[..., None] + 0.5

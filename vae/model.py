@@ -54,18 +54,18 @@ def build_encoder(config: VAEConfig) -> keras.Model:
 
 @keras.saving.register_keras_serializable(package="vae")
 class ContextFill(layers.Layer):
-    """Decoder output -> pixel probabilities, row by row when there is a pixel context."""
+    """Decoder output -> pixel means, row by row when there is a pixel context."""
 
-    def __init__(self, context: str = "none", **kwargs):
+    def __init__(self, context: str = "none", likelihood: str = "bernoulli", **kwargs):
         super().__init__(**kwargs)
-        self.context = context
+        self.context, self.likelihood = context, likelihood
         self.offsets = pixel_context.context_offsets(context)
 
     def call(self, decoded):
-        return pixel_context.fill_rows(decoded, self.offsets)
+        return pixel_context.fill_rows(decoded, self.offsets, self.likelihood)
 
     def get_config(self):
-        return {**super().get_config(), "context": self.context}
+        return {**super().get_config(), "context": self.context, "likelihood": self.likelihood}
 
 
 def build_decoder(config: VAEConfig) -> keras.Model:
@@ -87,11 +87,11 @@ def build_decoder(config: VAEConfig) -> keras.Model:
     return keras.Model(z, logits, name="decoder")
 
 
-def probability_decoder(decoder: keras.Model, context: str = "none") -> keras.Model:
-    """Wrap a decoder into z (N, L) -> pixel probabilities (N, H, W, C) in [0, 1]
-    (generated row by row when the decoder has a pixel `context`)."""
+def probability_decoder(decoder: keras.Model, context: str = "none", likelihood: str = "bernoulli") -> keras.Model:
+    """Wrap a decoder into z (N, L) -> pixel means (N, H, W, C) in [0, 1] (generated row
+    by row when the decoder has a pixel `context`)."""
     z = keras.Input(shape=decoder.input_shape[1:], name="z")
-    image = ContextFill(context, name="image", dtype="float32")(decoder(z))
+    image = ContextFill(context, likelihood, name="image", dtype="float32")(decoder(z))
     return keras.Model(z, image, name="generator")
 
 
@@ -141,12 +141,14 @@ class VAE(keras.Model):
 
     def generator(self) -> keras.Model:
         """z (N, L) -> pixel probabilities (N, H, W, C): what export ships as the decoder."""
-        return probability_decoder(self.decoder, self.config.context)
+        return probability_decoder(self.decoder, self.config.context, self.config.likelihood)
 
     def losses_per_example(self, images, training: bool = False, eps=None):
         """(loss, reconstruction, kl) per example, each (N,), in nats."""
         z_mean, z_log_var, logits = self(images, training=training, eps=eps)
-        return objective.neg_elbo(images, logits, z_mean, z_log_var, beta=self.config.beta)
+        return objective.neg_elbo(
+            images, logits, z_mean, z_log_var, beta=self.config.beta, likelihood=self.config.likelihood
+        )
 
 
 def build_vae(config: VAEConfig, seed: int | None = None) -> VAE:

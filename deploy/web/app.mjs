@@ -9,7 +9,8 @@ const TIMINGS_KEPT = 200;
 const $ = (id) => document.getElementById(id);
 
 const params = new URLSearchParams(location.search);
-const backend = params.get('backend') === 'webgpu' && 'gpu' in navigator ? 'webgpu' : 'wasm';
+let backend = 'wasm';
+let backendNote = '';
 const state = { model: null, a: null, b: null, basis: null, range: 3, u: 0, v: 0, seed: 1, timings: [] };
 
 function fail(error) {
@@ -28,6 +29,14 @@ async function readModelFile(name) {
   const response = await fetch(`model/${name}`, { cache: 'no-cache' });
   if (!response.ok) throw new Error(`model/${name}: HTTP ${response.status}`);
   return new Uint8Array(await response.arrayBuffer());
+}
+
+/** WebGPU only when asked for (?backend=webgpu) and the browser has an adapter. */
+async function chooseBackend() {
+  if (params.get('backend') !== 'webgpu') return;
+  const adapter = 'gpu' in navigator ? await navigator.gpu.requestAdapter().catch(() => null) : null;
+  if (adapter) backend = 'webgpu';
+  else backendNote = 'WebGPU asked for, but this browser has no GPU adapter: ';
 }
 
 async function loadRuntime() {
@@ -157,6 +166,7 @@ function showCard(card) {
   const rows = [
     ['model', card.name],
     ['latent dimensions', card.latent_dim],
+    ['pixel likelihood', (card.likelihood ?? 'bernoulli').replace('_', ' ')],
     ['test negative ELBO', metrics.test_neg_elbo_nats !== undefined ? `${metrics.test_neg_elbo_nats.toFixed(2)} nats` : '—'],
     ['5-NN accuracy of the latents', metrics.knn_accuracy ?? '—'],
     ['classes', (card.class_names ?? []).join(', ')],
@@ -222,6 +232,7 @@ function wire() {
 
 async function main() {
   const started = performance.now();
+  await chooseBackend();
   const ort = await loadRuntime();
   state.model = await VAEModel.load(ort, readModelFile, sha256, {
     sessionOptions: { executionProviders: backend === 'webgpu' ? ['webgpu', 'wasm'] : ['wasm'] },
@@ -236,7 +247,7 @@ async function main() {
   await setEnds(prior(1), prior(2));
   await show(planePoint(state.basis, 0, 0));
   const threads = ort.env.wasm.numThreads;
-  $('status').textContent = `${backend === 'webgpu' ? 'WebGPU' : 'WebAssembly'}, ${threads} thread${threads > 1 ? 's' : ''}; ` +
+  $('status').textContent = `${backendNote}${backend === 'webgpu' ? 'WebGPU' : 'WebAssembly'}, ${threads} thread${threads > 1 ? 's' : ''}; ` +
     `model verified against SHA256SUMS and loaded in ${(performance.now() - started).toFixed(0)} ms`;
   window.vae = {
     latentDim: state.model.latentDim,

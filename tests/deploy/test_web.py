@@ -165,6 +165,24 @@ def test_without_isolation_headers_the_page_runs_on_one_thread(browser, model_di
         server.server_close()
 
 
+def test_webgpu_is_used_only_with_a_gpu_adapter_and_the_page_says_which(browser, page, model_dir):
+    """Headless Chromium here has no GPU adapter: the page runs on WebAssembly and says
+    why, rather than claim WebGPU while onnxruntime quietly falls back."""
+    tab = Page(browser, page.page.url + "?backend=webgpu")  # the module's server
+    try:
+        tab.wait_ready()
+        adapter = tab.page.evaluate("async () => !!(navigator.gpu && await navigator.gpu.requestAdapter())")
+        status = tab.page.locator("#status").text_content()
+        if adapter:
+            assert tab.page.evaluate("window.vae.backend") == "webgpu" and status.startswith("WebGPU, ")
+        else:
+            assert tab.page.evaluate("window.vae.backend") == "wasm"
+            assert status.startswith("WebGPU asked for, but this browser has no GPU adapter: WebAssembly"), status
+        assert tab.image().std() > 5 and tab.errors == []
+    finally:
+        tab.page.close()
+
+
 def test_a_model_changed_after_the_server_started_is_refused_by_the_page(browser, model_dir, tmp_path):
     copy = tmp_path / "artifact"
     shutil.copytree(model_dir, copy)

@@ -98,6 +98,7 @@ MODEL_KEY_ERRORS = [
     ("model.dense_units=0", "model.dense_units must be >= 1, got 0"),
     ("model.activation=tanhh", "model.activation must be one of ('relu', 'elu', 'gelu', 'swish'), got 'tanhh'"),
     ("model.context=left", "model.context must be one of ['above', 'none', 'rows'], got 'left'"),
+    ("model.likelihood=gaussian", "model.likelihood must be one of ('bernoulli', 'continuous_bernoulli'), got 'gaussian'"),
     ("model.beta=0", "model.beta must be > 0 and <= 1000, got 0.0"),
     ("model.beta=1001", "model.beta must be > 0 and <= 1000, got 1001.0"),
 ]

@@ -19,3 +19,15 @@ def test_pixel_entropy_is_zero_for_binary_images_and_log2_per_grey_pixel():
     images = np.zeros((2, 28, 28))
     images[1, 0, :4] = 0.5
     np.testing.assert_allclose(pixel_entropy(images), [0.0, 4 * np.log(2.0)])
+
+
+def test_continuous_bernoulli_mean_image_baseline_inverts_the_mean():
+    from pipeline.metrics import cb_log_norm, cb_logits_for_means, cb_mean, mean_image_baseline
+
+    means = np.array([1e-6, 0.01, 0.3, 0.5, 0.77, 0.999, 1 - 1e-6])
+    logits = cb_logits_for_means(means)
+    np.testing.assert_allclose(cb_mean(logits), means, atol=1e-9)
+    # At mean 1/2 the density is uniform (logit 0): every image scores 0 nats.
+    flat = np.full(784, 0.5)
+    assert abs(mean_image_baseline(flat, np.random.default_rng(0).uniform(size=784), "continuous_bernoulli")) < 1e-6
+    assert abs(cb_log_norm(np.array([0.0]))[0] - np.log(2)) < 1e-12

@@ -124,27 +124,31 @@ def test_each_pattern_the_cuda_provider_refuses_is_named(node, inputs, message):
 def fill_graph(model):
     decoder, _ = tf2onnx_graphs(model, 17)
     make_cuda_friendly(decoder)
-    return append_row_fill(decoder, CONTEXTS[model.config.context], 28, 28)
+    return append_row_fill(decoder, CONTEXTS[model.config.context], 28, 28, model.config.likelihood)
 
 
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous_bernoulli"])
 @pytest.mark.parametrize("context", sorted(CONTEXTS))
-def test_the_onnx_row_fill_matches_keras_row_by_row(context):
+def test_the_onnx_row_fill_matches_keras_row_by_row(context, likelihood):
+    from pipeline.metrics import cb_mean
     from vae.model import build_vae
 
-    model = build_vae(VAEConfig(latent_dim=3, context=context), seed=1)
+    model = build_vae(VAEConfig(latent_dim=3, context=context, likelihood=likelihood), seed=1)
     proto = fill_graph(model)
     assert cuda_refusals(proto) == []
     onnx.checker.check_model(proto, full_check=True)
     z = np.random.default_rng(2).standard_normal((9, 3)).astype(np.float32) * 2
     image = run(proto, {"z": z})[0]
-    assert image.shape == (9, 28, 28, 1)
+    assert image.shape == (9, 28, 28, 1) and image.min() >= 0 and image.max() <= 1
+    tolerance = 1e-6 if likelihood == "bernoulli" else 1e-5  # the CB mean divides by 1 - exp(-l)
     reference = np.asarray(row_by_row_reference(model)(z, [image]))
-    assert np.abs(reference - image).max() < 1e-6
+    assert np.abs(reference - image).max() < tolerance
     np.testing.assert_allclose(image, np.asarray(model.generator()(z)), atol=1e-4)  # whole images
     # the numpy mirror used to check other execution providers row by row
     decoded = run(with_decoded_output(proto), {"z": z})[1]
-    mirror = 1 / (1 + np.exp(-row_logits(decoded, image, CONTEXTS[context])))[..., None]
-    assert np.abs(mirror - image).max() < 1e-6
+    logits = row_logits(decoded, image, CONTEXTS[context])
+    mirror = (1 / (1 + np.exp(-logits)) if likelihood == "bernoulli" else cb_mean(logits))[..., None]
+    assert np.abs(mirror - image).max() < tolerance
 
 
 def test_row_logits_is_the_teacher_forced_sum_keras_trains_on():

@@ -43,19 +43,27 @@ def statuses(run_dir):
 def test_a_failed_stage_keeps_earlier_outputs_then_the_run_completes_and_is_cached(tmp_path, source, ray_local):
     """One run through every stage (they take minutes here), checked at each turn: export
     fails; the rerun resumes there; a rerun skips everything; --force reruns a stage and
-    what follows; a damaged dataset is rebuilt rather than taken as up to date."""
+    what follows; a damaged dataset is rebuilt rather than taken as up to date. Its model
+    has the continuous Bernoulli likelihood (the other pipeline tests, the Bernoulli), so
+    that likelihood is trained, evaluated, exported and verified end to end too."""
     runs = tmp_path / "runs"
+    cb = "model.likelihood=continuous_bernoulli"
     with pytest.raises(PipelineError, match="differs from Keras"):
-        run_pipeline(load_config(overrides=small(source, "export.tolerance=1e-30")), runs_root=runs)
+        run_pipeline(load_config(overrides=small(source, cb, "export.tolerance=1e-30")), runs_root=runs)
     [run_dir] = runs.glob("run-*")
     stages, record = statuses(run_dir)
     assert record["status"] == "failed"
     assert stages["export"][0] == "failed" and stages["evaluate"] == ("complete", False)
     assert not (run_dir / "artifact").exists()
 
-    config = load_config(overrides=small(source))
+    config = load_config(overrides=small(source, cb))
     result = run_pipeline(config, runs_root=runs, run_dir=run_dir)
     assert (result.artifact / "decoder.onnx").is_file()
+    report = json.loads((result.run_dir / "eval" / "report.json").read_text())
+    assert report["test"]["likelihood"] == "continuous_bernoulli" and report["context"]["reconstruction_floor"] is None
+    assert "continuous Bernoulli" in (result.run_dir / "eval" / "report.html").read_text()
+    card = json.loads((result.artifact / "model_card.json").read_text())
+    assert card["likelihood"] == "continuous_bernoulli" and card["verification"]["max_abs_difference"]["decoder"] < 1e-5
     stages, record = statuses(result.run_dir)
     assert record["status"] == "complete" and record["artifact"] == str(result.artifact)
     assert [stages[n] for n in ("ingest", "train", "evaluate")] == [("complete", True)] * 3

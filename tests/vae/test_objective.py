@@ -148,3 +148,37 @@ def test_continuous_bernoulli_matches_its_closed_form():
     near = np.float32([0.999e-3, 1.001e-3])
     values = np.asarray(continuous_bernoulli_log_norm(near)).astype(np.float64)
     np.testing.assert_allclose(values, np.log(2) + near.astype(np.float64) ** 2 / 12, atol=2e-6)
+
+
+def test_continuous_bernoulli_pixel_mean_is_the_density_mean():
+    from vae.objective import CB_SERIES_BELOW, pixel_mean
+
+    nodes, weights = np.polynomial.legendre.leggauss(24)
+    edges = np.linspace(0.0, 1.0, 65)
+    x = np.concatenate([(a + b) / 2 + (b - a) / 2 * nodes for a, b in zip(edges[:-1], edges[1:], strict=True)])
+    w = np.concatenate([(b - a) / 2 * weights for a, b in zip(edges[:-1], edges[1:], strict=True)])
+    logits = np.array([-20.0, -3.0, -CB_SERIES_BELOW * 1.01, -CB_SERIES_BELOW * 0.99, -1e-3, 0.0, 0.2, 2.0, 9.0],
+                      np.float32)
+    density = np.exp(cb_log_density(x, logits).astype(np.float64))
+    numeric = (x[:, None] * density * w[:, None]).sum(0)
+    mean = np.asarray(pixel_mean(logits, "continuous_bernoulli")).astype(np.float64)
+    np.testing.assert_allclose(mean, numeric, atol=2e-6)
+    # Far out it stays finite and in (0, 1): 1/|l| from the nearer end.
+    far = np.asarray(pixel_mean(np.float32([-1e4, -200.0, 200.0, 1e4]), "continuous_bernoulli"))
+    np.testing.assert_allclose(far, [1e-4, 1 / 200, 1 - 1 / 200, 1 - 1e-4], rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(pixel_mean(logits, "bernoulli")), 1 / (1 + np.exp(-logits)), rtol=1e-6)
+
+
+def test_neg_elbo_takes_the_likelihood_by_name():
+    rng = np.random.default_rng(5)
+    images = rng.uniform(size=(3, 28, 28, 1)).astype(np.float32)
+    logits = rng.normal(size=(3, 28, 28, 1)).astype(np.float32)
+    mean, log_var = np.zeros((3, 2), np.float32), np.zeros((3, 2), np.float32)
+    from vae.objective import continuous_bernoulli_log_norm
+
+    bern = np.asarray(neg_elbo(images, logits, mean, log_var)[1])
+    cb = np.asarray(neg_elbo(images, logits, mean, log_var, likelihood="continuous_bernoulli")[1])
+    log_norm = np.asarray(continuous_bernoulli_log_norm(logits)).reshape(3, -1).sum(1)
+    np.testing.assert_allclose(bern - cb, log_norm, rtol=1e-5)
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        neg_elbo(images, logits, mean, log_var, likelihood="gaussian")
