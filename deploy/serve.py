@@ -324,6 +324,8 @@ def own_haproxy() -> list:
 
 
 def stop_processes(processes: list, grace_s: float = 5.0) -> None:
+    """Terminate, then kill what is still running after `grace_s` (pipeline.reaper's
+    pattern; `deploy` does not import `pipeline`)."""
     import psutil
 
     for process in processes:
