@@ -105,17 +105,23 @@ def _mean_nodes(likelihood: str):
         raise ValueError(f"unknown likelihood {likelihood!r}")
     from vae.objective import CB_SERIES_BELOW
 
+    constants: dict[str, str] = {}  # one initializer each, shared by every row
+
+    def const(g: _Graph, name: str, value: float) -> str:
+        if name not in constants:
+            constants[name] = g.const(name, np.float32(value))
+        return constants[name]
+
     def mean(g: _Graph, logits: str) -> str:
-        small = g.one("Less", [g.one("Abs", [logits]), g.const("below", np.float32(CB_SERIES_BELOW))])
-        safe = g.one("Where", [small, g.const("below", np.float32(CB_SERIES_BELOW)), logits])
-        one = g.const("one", np.float32(1.0))
+        below, one = const(g, "below", CB_SERIES_BELOW), const(g, "one", 1.0)
+        small = g.one("Less", [g.one("Abs", [logits]), below])
+        safe = g.one("Where", [small, below, logits])
         tail = g.one("Div", [one, g.one("Sub", [one, g.one("Exp", [g.one("Neg", [safe])])])])
         exact = g.one("Sub", [tail, g.one("Div", [one, safe])])
         square = g.one("Mul", [logits, logits])
-        inner = g.one("Add", [g.const("c5", np.float32(-1.0 / 720.0)),
-                              g.one("Mul", [square, g.const("c7", np.float32(1.0 / 30240.0))])])
-        inner = g.one("Add", [g.const("c3", np.float32(1.0 / 12.0)), g.one("Mul", [square, inner])])
-        series = g.one("Add", [g.const("half", np.float32(0.5)), g.one("Mul", [logits, inner])])
+        inner = g.one("Add", [const(g, "c5", -1.0 / 720.0), g.one("Mul", [square, const(g, "c7", 1.0 / 30240.0)])])
+        inner = g.one("Add", [const(g, "c3", 1.0 / 12.0), g.one("Mul", [square, inner])])
+        series = g.one("Add", [const(g, "half", 0.5), g.one("Mul", [logits, inner])])
         return g.one("Where", [small, series, exact])
 
     return mean
