@@ -6,15 +6,15 @@ paid for that count (on the CPU about 0.25 ms of a 0.6 ms call; on a GPU each no
 kernel launch). This module appends the same recurrence to the converted decoder in a few
 nodes per row:
 
-    base, weights = Split(decoded)                  once
-    base0 = base - 0.5 * sum_k weights_k            once: a background pixel is 0, not -0.5
+    base0 = base - 0.5 * sum_k weights_k            folded into the last convolution's weights
     p_i = sigmoid(base0_i + sum_k w_ik * p[i + di_k][j + dj_k])   per row
 
 The two forms are the same sum (Keras centres each context pixel, p - 0.5, and pads
-with -0.5; here the -0.5 is folded into base0 once and the padding is 0). With one context
-pixel straight above (the default, context "above") a row costs Mul, Add and Sigmoid;
-other contexts gather the neighbours in one Gather per row. The export check verifies
-every row against Keras given the same rows above, as before.
+with -0.5; here the -0.5 is folded into base0 and the padding is 0). With one context
+pixel straight above (the default, context "above") the convolution's output is split
+into rows by one Split, a row costs Mul, Add and Sigmoid, and one Concat joins the rows
+into the image; other contexts gather the neighbours in one Gather per row. The export
+check verifies every row against Keras given the same rows above, as before.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-DECODED = "decoded"  # base logit and context weights: (N, H, W, 1 + K) from tf2onnx, (N, 1 + K, H, W) in the fill
+# base logit and context weights: (N, H, W, 1 + K) from tf2onnx; in the fill (N, 1 + K, H, W),
+# the base with the context's centring folded in (base0 above)
+DECODED = "decoded"
 IMAGE = "image"
 
 
@@ -69,12 +71,17 @@ def append_row_fill(
     _channels_first(graph, g)
     offsets = tuple(tuple(o) for o in offsets)
     mean = _mean_nodes(likelihood)
-    if not offsets:
-        probabilities = mean(g, DECODED)  # (N, 1, H, W)
+    if offsets:
+        _centre(g, len(offsets))
+    if len(offsets) == 1 and offsets[0][1] == 0:  # one context pixel, straight above: rows of (N, 1, W, 1)
+        g.one("Concat", _fill_above(g, offsets[0][0], height, width, mean), IMAGE, axis=1)
     else:
-        probabilities = g.one("Concat", _fill(g, offsets, height, width, mean), axis=2)
-    # one channel: (N, 1, H, W) and (N, H, W, 1) hold the same numbers in the same order
-    g.one("Reshape", [probabilities, g.const("shape", np.array([-1, height, width, 1], np.int64))], IMAGE)
+        if not offsets:
+            probabilities = mean(g, DECODED)  # (N, 1, H, W)
+        else:
+            probabilities = g.one("Concat", _fill(g, offsets, height, width, mean), axis=2)
+        # one channel: (N, 1, H, W) and (N, H, W, 1) hold the same numbers in the same order
+        g.one("Reshape", [probabilities, g.const("shape", np.array([-1, height, width, 1], np.int64))], IMAGE)
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(IMAGE, TensorProto.FLOAT, ["batch", height, width, 1]))
     return model
@@ -127,30 +134,70 @@ def _mean_nodes(likelihood: str):
     return mean
 
 
-def _fill(g: _Graph, offsets, height: int, width: int, mean) -> list[str]:
-    """Nodes for rows p_0 .. p_{H-1}, each (N, 1, 1, W); returns their names."""
-    k = len(offsets)
-    base, weights = g.node("Split", [DECODED, g.const("split", np.array([1, k], np.int64))], 2, axis=1)
+def _centre(g: _Graph, k: int) -> None:
+    """Make channel 0 of `decoded` base0 = base - 0.5 * sum_k weights_k: in the weights and
+    bias of the convolution that computes it (a linear map, so the same sum), else in two
+    nodes after it."""
+    graph = g.graph
+    producer = next(n for n in graph.node if DECODED in n.output)
+    initializers = {i.name: i for i in graph.initializer}
+    users = [name for n in graph.node for name in n.input]
+    folded = (
+        producer.op_type == "ConvTranspose"
+        and len(producer.input) in (2, 3)
+        and all(name in initializers and users.count(name) == 1 for name in producer.input[1:])
+        and all(a.i == 1 for a in producer.attribute if a.name == "group")
+    )
+    if folded:  # ConvTranspose weights are (C_in, C_out, kh, kw); the bias is optional
+        weight = initializers[producer.input[1]]
+        w = numpy_helper.to_array(weight).astype(np.float64)
+        if len(producer.input) == 2:
+            producer.input.append(g.const("bias", np.zeros(w.shape[1], np.float32)))
+        bias = next(i for i in graph.initializer if i.name == producer.input[2])
+        b = numpy_helper.to_array(bias).astype(np.float64)
+        w[:, 0] -= 0.5 * w[:, 1:].sum(axis=1)
+        b[0] -= 0.5 * b[1:].sum()
+        weight.CopyFrom(numpy_helper.from_array(w.astype(np.float32), weight.name))
+        bias.CopyFrom(numpy_helper.from_array(b.astype(np.float32), bias.name))
+        return
+    producer.output[:] = [f"{DECODED}_uncentred" if name == DECODED else name for name in producer.output]
+    base, weights = g.node("Split", [f"{DECODED}_uncentred", g.const("split", np.array([1, k], np.int64))], 2, axis=1)
     weight_sum = weights if k == 1 else g.one("ReduceSum", [weights, g.const("axis", np.array([1], np.int64))])
     base0 = g.one("Sub", [base, g.one("Mul", [weight_sum, g.const("half", np.float32(0.5))])])
+    g.one("Concat", [base0, weights], DECODED, axis=1)
+
+
+def _fill_above(g: _Graph, di: int, height: int, width: int, mean) -> list[str]:
+    """Rows p_0 .. p_{H-1}, each (N, 1, W, 1), with the one context pixel `di` rows straight
+    above: (N, 2, H, W) viewed as (N, 2H, W, 1) is split into the H base rows and the H
+    weight rows by one Split; a row is Mul, Add and the mean."""
+    rows_of_both = g.one("Reshape", [DECODED, g.const("shape", np.array([-1, 2 * height, width, 1], np.int64))])
+    parts = g.node("Split", [rows_of_both, g.const("rows", np.ones(2 * height, np.int64))], 2 * height, axis=1)
+    base_rows, weight_rows = parts[:height], parts[height:]
+    rows: list[str] = []
+    for i in range(height):
+        logit = base_rows[i] if i + di < 0 else g.one("Add", [base_rows[i], g.one("Mul", [weight_rows[i], rows[i + di]])])
+        rows.append(mean(g, logit))
+    return rows
+
+
+def _fill(g: _Graph, offsets, height: int, width: int, mean) -> list[str]:
+    """Nodes for rows p_0 .. p_{H-1}, each (N, 1, 1, W), any context; returns their names."""
+    k = len(offsets)
+    base0, weights = g.node("Split", [DECODED, g.const("split", np.array([1, k], np.int64))], 2, axis=1)
     row_split = g.const("rows", np.ones(height, np.int64))
     base_rows = g.node("Split", [base0, row_split], height, axis=2)  # each (N, 1, 1, W)
-    direct = k == 1 and offsets[0][1] == 0
-    if direct:  # the one context pixel sits straight above: w_i * p[i + di]
-        weight_rows = g.node("Split", [weights, row_split], height, axis=2)
-    else:  # gather the neighbours; a weight whose neighbour is off the image is 0
-        mask = np.array([[0 <= j + dj < width for j in range(width)] for _, dj in offsets], np.float32)
-        by_row = g.one("Transpose", [weights], perm=[0, 2, 1, 3])  # (N, H, K, W)
-        by_row = g.one("Unsqueeze", [by_row, g.const("axis", np.array([2], np.int64))])  # (N, H, 1, K, W)
-        masked = g.one("Mul", [by_row, g.const("mask", mask[None, None, None])])
-        weight_rows = g.node("Split", [masked, row_split], height, axis=1)  # each (N, 1, 1, K, W)
+    # gather the neighbours; a weight whose neighbour is off the image is 0
+    mask = np.array([[0 <= j + dj < width for j in range(width)] for _, dj in offsets], np.float32)
+    by_row = g.one("Transpose", [weights], perm=[0, 2, 1, 3])  # (N, H, K, W)
+    by_row = g.one("Unsqueeze", [by_row, g.const("axis", np.array([2], np.int64))])  # (N, H, 1, K, W)
+    masked = g.one("Mul", [by_row, g.const("mask", mask[None, None, None])])
+    weight_rows = g.node("Split", [masked, row_split], height, axis=1)  # each (N, 1, 1, K, W)
     rows: list[str] = []
     for i in range(height):
         inside = [(index, di, dj) for index, (di, dj) in enumerate(offsets) if i + di >= 0]
         if not inside:  # every context pixel is above the image: background
             logit = base_rows[i]
-        elif direct:
-            logit = g.one("Add", [base_rows[i], g.one("Mul", [weight_rows[i], rows[i + offsets[0][0]]])])
         else:
             logit = g.one("Add", [base_rows[i], _context_term(g, rows, weight_rows[i], i, inside, k, width)])
         rows.append(mean(g, logit))
@@ -173,9 +220,9 @@ def _context_term(g: _Graph, rows: list[str], weight_row: str, i: int, inside, k
 
 
 def with_decoded_output(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of an exported decoder that also outputs `decoded` (N, 1 + K, H, W), the base
-    logits and context weights the fill starts from: what a row-by-row check on another
-    execution provider needs (see `row_logits`)."""
+    """A copy of an exported decoder that also outputs `decoded` (N, 1 + K, H, W), the
+    centred base logits and context weights the fill starts from: what a row-by-row check
+    on another execution provider needs (see `row_logits`)."""
     model = copy.deepcopy(model)
     model.graph.output.append(helper.make_tensor_value_info(DECODED, TensorProto.FLOAT, None))
     return model
@@ -183,14 +230,15 @@ def with_decoded_output(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def row_logits(decoded: np.ndarray, images: np.ndarray, offsets) -> np.ndarray:
     """numpy: each pixel's logit (N, H, W) given the rows above it in `images` (N, H, W, 1),
-    from the graph's `decoded` (N, 1 + K, H, W). The same sum as vae.context.context_logits,
-    for checking a fill computed elsewhere (another execution provider) row by row."""
-    base, weights = decoded[:, 0].astype(np.float64), decoded[:, 1:].astype(np.float64)
-    pixels = images[..., 0].astype(np.float64) - 0.5
+    from the graph's `decoded` (N, 1 + K, H, W), whose base is centred (base0). The same sum
+    as vae.context.context_logits, for checking a fill computed elsewhere (another
+    execution provider) row by row."""
+    base0, weights = decoded[:, 0].astype(np.float64), decoded[:, 1:].astype(np.float64)
+    pixels = images[..., 0].astype(np.float64)
     height, width = pixels.shape[1:]
-    logits = base.copy()
+    logits = base0.copy()
     for index, (di, dj) in enumerate(offsets):
-        padded = np.pad(pixels, [(0, 0), (max(-di, 0), max(di, 0)), (max(-dj, 0), max(dj, 0))], constant_values=-0.5)
+        padded = np.pad(pixels, [(0, 0), (max(-di, 0), max(di, 0)), (max(-dj, 0), max(dj, 0))], constant_values=0.0)
         top, left = max(di, 0), max(dj, 0)
         logits += weights[:, index] * padded[:, top : top + height, left : left + width]
     return logits

@@ -288,7 +288,7 @@ class ProgressLog:
         metrics = {k: v for k, v in event.items() if k != "event"}
         self.jsonl.write(json.dumps(metrics) + "\n")
         self.jsonl.flush()
-        for name in ("loss", "reconstruction", "kl", "images_per_s", "epoch_time_s", "learning_rate"):
+        for name in ("loss", "reconstruction", "kl", "images_per_s", "epoch_time_s", "learning_rate", "free_bits"):
             self.writer.add_scalar(f"train/{name}", metrics[name], global_step=epoch + 1)
         self.writer.flush()
         log.info(

@@ -83,6 +83,22 @@ def learning_rate_schedule(config: Config, steps_per_epoch: int):
     )
 
 
+def free_bits_schedule(config: Config, steps_per_epoch: int):
+    """step -> the free-bits floor (nats per latent dimension) at that training step: the
+    learning rate's cosine shape from `train.free_bits` at step 0 down to
+    `train.free_bits_final` at the last step; a constant `free_bits` when the final value
+    is unset or not below it (so `--set train.free_bits=0` still trains the plain ELBO)."""
+    import keras
+
+    train = config.train
+    final = train.free_bits if train.free_bits_final is None else min(train.free_bits_final, train.free_bits)
+    if final == train.free_bits:
+        return lambda step: train.free_bits
+    total = max(1, train.epochs * steps_per_epoch)
+    excess = keras.optimizers.schedules.CosineDecay(train.free_bits - final, decay_steps=total)
+    return lambda step: final + excess(step)
+
+
 def weights_fingerprint(model) -> np.ndarray:
     """Four exactly representable floats from a SHA-256 of every weight's bytes."""
     digest = hashlib.sha256()
@@ -251,7 +267,9 @@ def compile_steps(worker: Worker, strategy, model, optimizer) -> Steps:
     from vae import free_bits_kl, neg_elbo
 
     config, batch, global_batch = worker.config, worker.batch, worker.global_batch
-    latent_dim, beta, free_bits = model.config.latent_dim, model.config.beta, config.train.free_bits
+    latent_dim, beta = model.config.latent_dim, model.config.beta
+    free_bits = free_bits_schedule(config, worker.steps_per_epoch)
+    uses_free_bits = config.train.free_bits > 0
     likelihood = model.config.likelihood
     scaled_loss = config.train.precision == "mixed_float16"
 
@@ -262,8 +280,8 @@ def compile_steps(worker: Worker, strategy, model, optimizer) -> Steps:
         with tf.GradientTape() as tape:
             z_mean, z_log_var, logits = model(x, training=True, eps=eps)
             loss, reconstruction, kl = neg_elbo(x, logits, z_mean, z_log_var, beta=beta, likelihood=likelihood)
-            if free_bits > 0:  # the objective; the metrics below stay the true ELBO
-                kl_term = batch * free_bits_kl(z_mean, z_log_var, free_bits)
+            if uses_free_bits:  # the objective; the metrics below stay the true ELBO
+                kl_term = batch * free_bits_kl(z_mean, z_log_var, free_bits(optimizer.iterations))
                 objective = (tf.reduce_sum(reconstruction) + beta * kl_term) / global_batch
             else:
                 objective = tf.reduce_sum(loss) / global_batch
@@ -349,6 +367,7 @@ def epoch_metrics(worker: Worker, steps: Steps, model, optimizer, epoch: int, ou
         "images_per_s": images / outcome.seconds,
         "epoch_time_s": outcome.seconds,
         "learning_rate": float(np.asarray(optimizer.learning_rate)),
+        "free_bits": float(np.asarray(free_bits_schedule(worker.config, worker.steps_per_epoch)(optimizer.iterations))),
         "replicas_agree": spread == 0.0,
         "workers": worker.world,
     }

@@ -42,7 +42,7 @@ def build_encoder(config: VAEConfig) -> keras.Model:
         x = layers.Conv2D(
             filters, 3, strides=2, padding="same", activation=config.activation, name=f"encoder_conv{stage}_1"
         )(x)
-        for i in range(2, config.convs_per_stage + 1):
+        for i in range(2, (config.encoder_convs_per_stage or config.convs_per_stage) + 1):
             x = layers.Conv2D(filters, 3, padding="same", activation=config.activation, name=f"encoder_conv{stage}_{i}")(x)
     x = layers.Flatten(name="encoder_flatten")(x)  # (N, H/4 * W/4 * filters[-1])
     x = layers.Dense(config.dense_units, activation=config.activation, name="encoder_dense")(x)

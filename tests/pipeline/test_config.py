@@ -48,6 +48,7 @@ def test_yaml_file_is_read(tmp_path):
         ("train.learning_rate=2", "train.learning_rate must be > 0 and <= 1"),
         ("model.beta=-Infinity", "model.beta must be a finite number"),
         ("train.free_bits=1e400", "train.free_bits must be a finite number"),
+        ("train.free_bits_final=-1", "train.free_bits_final must be >= 0 and <= 100"),
         ("export.tolerance=1", "export.tolerance must be > 0 and < 1"),
     ],
 )

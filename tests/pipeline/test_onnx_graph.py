@@ -52,7 +52,7 @@ def test_what_tf2onnx_writes_is_refused_and_the_rewrite_keeps_cpu_outputs_bit_id
     refused = cuda_refusals(decoder) + cuda_refusals(encoder)
     assert sum("asymmetric pads [0, 0, 1, 1]" in line for line in refused) == 2  # the two stride-2 upconvolutions
     rng = np.random.default_rng(0)
-    z = rng.standard_normal((65, 32)).astype(np.float32)
+    z = rng.standard_normal((65, default_model.config.latent_dim)).astype(np.float32)
     images = rng.uniform(size=(65, 28, 28, 1)).astype(np.float32)
     for proto, feed in ((decoder, {"z": z}), (encoder, {"image": images})):
         rewritten = make_cuda_friendly(copy.deepcopy(proto))
@@ -159,16 +159,41 @@ def test_row_logits_is_the_teacher_forced_sum_keras_trains_on():
         decoded = rng.standard_normal((4, 28, 28, 1 + len(offsets))).astype(np.float32)
         images = rng.uniform(size=(4, 28, 28, 1)).astype(np.float32)
         expected = np.asarray(context_logits(decoded, images, offsets))[..., 0]
-        channels_first = decoded.transpose(0, 3, 1, 2)  # as the exported graph holds it
+        channels_first = decoded.transpose(0, 3, 1, 2).copy()  # as the exported graph holds it,
+        channels_first[:, 0] -= 0.5 * channels_first[:, 1:].sum(axis=1)  # with the base centred
         np.testing.assert_allclose(row_logits(channels_first, images, offsets), expected, atol=1e-5)
 
 
 def test_the_default_decoder_fills_a_row_in_three_nodes(default_model):
-    """Context "above": Mul, Add and Sigmoid per row; tf2onnx's own fill took ~190 nodes."""
+    """Context "above": one Reshape and one Split make the rows, Mul, Add and Sigmoid fill
+    each row below the first, one Concat joins them; tf2onnx's own fill took ~190 nodes."""
     proto = fill_graph(default_model)
     fill = collections.Counter(n.op_type for n in proto.graph.node if n.name.startswith("row_fill/"))
-    assert sum(fill.values()) <= 3 * 28 + 6, fill
-    assert len(proto.graph.node) <= 110
+    assert fill == {"Reshape": 1, "Split": 1, "Sigmoid": 28, "Mul": 27, "Add": 27, "Concat": 1}, fill
+    assert len(proto.graph.node) <= 100
+
+
+def test_the_fill_centres_the_base_in_nodes_when_no_convolution_computes_it():
+    """The -0.5 centring goes into the last convolution's weights when it can (above); a
+    decoder ending in anything else gets it as nodes, with the same image."""
+    height = width = 4
+    t = helper.make_tensor_value_info("t", TensorProto.FLOAT, ["N", 2, height, width])
+    nodes = [
+        helper.make_node("Identity", ["t"], ["mid"]),
+        helper.make_node("Transpose", ["mid"], ["decoded"], perm=[0, 2, 3, 1]),  # as tf2onnx ends
+    ]
+    out = helper.make_tensor_value_info("decoded", TensorProto.FLOAT, None)
+    proto = helper.make_model(helper.make_graph(nodes, "g", [t], [out]), opset_imports=[helper.make_opsetid("", 17)])
+    append_row_fill(proto, CONTEXTS["above"], height, width)
+    assert {"Sub", "Concat"} <= {n.op_type for n in proto.graph.node}
+    decoded = np.random.default_rng(4).standard_normal((3, 2, height, width)).astype(np.float32)
+    image = run(proto, {"t": decoded})[0]
+    base, weight = decoded[:, 0].astype(np.float64), decoded[:, 1].astype(np.float64)
+    expected, above = np.empty_like(base), np.full(base[:, 0].shape, -0.5)  # Keras pads with -0.5
+    for i in range(height):
+        expected[:, i] = 1 / (1 + np.exp(-(base[:, i] + weight[:, i] * above)))
+        above = expected[:, i] - 0.5
+    np.testing.assert_allclose(image[..., 0], expected, atol=1e-6)
 
 
 def test_provider_agreement_checks_rows_given_the_rows_above(artifact):  # noqa: F811

@@ -28,6 +28,22 @@ def test_two_workers_lower_the_loss_and_keep_replicas_identical(trained_run):
     assert all(row["replicas_agree"] for row in rows)
     assert all(row["workers"] == 2 for row in rows)
     assert all(np.isfinite(row["images_per_s"]) and row["images_per_s"] > 0 for row in rows)
+    floors = [row["free_bits"] for row in rows]  # the default schedule, at the end of each epoch
+    assert load_config().train.free_bits > floors[0] > floors[1] > floors[2] == pytest.approx(load_config().train.free_bits_final)
+
+
+def test_free_bits_follow_the_learning_rates_cosine_to_their_final_value():
+    from pipeline.train_loop import free_bits_schedule
+
+    steps_per_epoch = 10
+    config = load_config(overrides=["train.epochs=2", "train.free_bits=0.6", "train.free_bits_final=0.1"])
+    schedule = free_bits_schedule(config, steps_per_epoch)
+    values = [float(schedule(step)) for step in (0, 5, 10, 15, 20, 30)]
+    np.testing.assert_allclose(values, [0.6, 0.35 + 0.25 * np.cos(np.pi / 4), 0.35, 0.35 - 0.25 * np.cos(np.pi / 4), 0.1, 0.1],
+                               atol=1e-6)
+    for constant in ("train.free_bits_final=none", "train.free_bits=0", "train.free_bits=0.3"):  # final 0.5 >= 0.3
+        config = load_config(overrides=[constant])
+        assert float(free_bits_schedule(config, steps_per_epoch)(7)) == config.train.free_bits
 
 
 def test_a_checkpoint_per_epoch_kept_to_the_configured_number(trained_run):

@@ -37,6 +37,22 @@ def test_bad_architecture_is_a_value_error():
 def test_config_rebuilds_from_dict():
     config = VAEConfig(latent_dim=5, filters=(8, 16), dense_units=12)
     assert VAEConfig.from_dict(config.to_dict()) == config
+    deeper = VAEConfig(latent_dim=5, filters=(8, 16), dense_units=12, encoder_convs_per_stage=2)
+    assert VAEConfig.from_dict(deeper.to_dict()) == deeper
+    with pytest.raises(ValueError, match="encoder_convs_per_stage must be >= 1"):
+        VAEConfig(encoder_convs_per_stage=0)
+
+
+def test_the_encoder_can_be_deeper_than_the_decoder():
+    import keras
+
+    config = VAEConfig(latent_dim=3, filters=(4, 8), dense_units=8, encoder_convs_per_stage=2)
+    model = build_vae(config, seed=0)
+    convs = lambda part: sorted(layer.name for layer in part.layers if isinstance(layer, keras.layers.Conv2D))  # noqa: E731
+    assert convs(model.encoder) == ["encoder_conv1_1", "encoder_conv1_2", "encoder_conv2_1", "encoder_conv2_2"]
+    shallow = build_vae(VAEConfig(latent_dim=3, filters=(4, 8), dense_units=8), seed=0)
+    assert convs(model.decoder) == convs(shallow.decoder)  # Conv2DTranspose is a Conv2D subclass: both counted
+    assert model.encoder.count_params() > shallow.encoder.count_params()
 
 
 def train_steps(model, optimizer, images, steps):
