@@ -289,6 +289,7 @@ def serve_forever(
     ingress = choose_ingress(ingress)
     # "local": a new Ray of our own, never one that happens to run on this machine.
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
+    node_id = ray.get_runtime_context().get_node_id()
     try:
         serve.start(http_options={"host": host, "port": port, "request_timeout_s": 30})
         serve.run(application, name=APP_NAME, route_prefix="/")
@@ -303,24 +304,33 @@ def serve_forever(
             serve.delete(APP_NAME)
             ray.shutdown()
         else:
-            ingress_processes = own_haproxy()
+            ingress_processes = own_haproxy(node_id)
             ray.shutdown()
-            stop_processes(ingress_processes)
+            stop_processes(list({p.pid: p for p in ingress_processes + own_haproxy(node_id)}.values()))
 
 
-def own_haproxy() -> list:
+def own_haproxy(node_id: str) -> list:
     """The HAProxy processes this process's own Ray started: Ray's shutdown kills the
-    proxy actor but not the HAProxy it runs, which would keep holding the port."""
+    proxy actor but not the HAProxy it runs, which would keep holding the port. Found as
+    descendants, and by the config path Serve gives each node's HAProxy (it names the node):
+    a Ctrl-C reaches Ray's processes too, and one that went first leaves its HAProxy
+    orphaned, no longer a descendant."""
     import psutil
 
-    found = []
+    found = {}
+    for process in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if process.info["name"] == "haproxy" and any(node_id in arg for arg in process.info["cmdline"] or ()):
+                found[process.pid] = process
+        except psutil.Error:
+            continue
     for child in psutil.Process().children(recursive=True):
         try:
             if child.name() == "haproxy":
-                found.append(child)
+                found.setdefault(child.pid, child)
         except psutil.Error:
             continue
-    return found
+    return list(found.values())
 
 
 def stop_processes(processes: list, grace_s: float = 5.0) -> None:

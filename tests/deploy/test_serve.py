@@ -185,3 +185,40 @@ def test_concurrent_requests_are_decoded_together(server, generator):
     new = {int(k): v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
     assert sum(size * count for size, count in new.items()) == 32
     assert max(new) > 1, new  # at least one onnxruntime call carried several requests
+
+
+def test_an_orphaned_haproxy_of_this_node_is_found_and_stopped(tmp_path):
+    """A Ctrl-C reaches Ray's processes too; the one that started HAProxy can go first and
+    leave it orphaned. `serve_forever` still finds it by the node id in its config path."""
+    import shutil
+
+    import psutil
+
+    from deploy.serve import own_haproxy, stop_processes
+
+    fake = tmp_path / "haproxy"  # `sleep` under HAProxy's name; the "node id" is in its arguments
+    shutil.copy(shutil.which("sleep"), fake)
+    node_id = str(10**9 + os.getpid())  # digits, so that `sleep` takes it: "<node_id>s"
+    subprocess.run(["sh", "-c", f"'{fake}' 300 {node_id}s >/dev/null 2>&1 &"], check=True)  # orphaned at once
+    deadline = time.monotonic() + 10
+
+    def fakes(processes):  # this test's process, not the server fixture's real HAProxy
+        mine = []
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                if process.exe() == str(fake):
+                    mine.append(process)
+        return mine
+
+    while not (found := fakes(own_haproxy(node_id))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert len(found) == 1
+        assert found[0].pid not in {p.pid for p in psutil.Process().children(recursive=True)}
+        assert fakes(own_haproxy(str(10**9 - 1))) == []  # another node's HAProxy is not ours
+        stop_processes(found, grace_s=5)
+        assert not found[0].is_running()
+    finally:
+        for process in found:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
