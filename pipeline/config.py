@@ -106,6 +106,8 @@ class TrainConfig:
     # Free bits at the end of training: the floor follows the learning rate's cosine from
     # `free_bits` down to this (never above `free_bits`). None: `free_bits` throughout.
     free_bits_final: float | None = 0.5
+    # Epochs over which the floor falls to `free_bits_final`, then stays there. None: all.
+    free_bits_fall_epochs: int | None = None
     num_workers: int = 2
     cpus_per_worker: int = 1
     # Training steps run inside one TensorFlow call (like Keras's steps_per_execution):
@@ -127,6 +129,11 @@ class TrainConfig:
             self.free_bits_final is None or 0 <= self.free_bits_final <= 100,
             "train.free_bits_final",
             "must be >= 0 and <= 100 (nats per dimension), or unset",
+        )
+        _check(
+            self.free_bits_fall_epochs is None or self.free_bits_fall_epochs >= 1,
+            "train.free_bits_fall_epochs",
+            "must be >= 1, or unset",
         )
         _check(
             self.lr_schedule in ("constant", "cosine"),

@@ -72,6 +72,10 @@ def per_worker_batch(global_batch: int, num_workers: int) -> int:
     return global_batch // num_workers
 
 
+def _steps(epochs: int, steps_per_epoch: int) -> int:
+    return max(1, epochs * steps_per_epoch)
+
+
 def learning_rate_schedule(config: Config, steps_per_epoch: int):
     import keras
 
@@ -79,23 +83,25 @@ def learning_rate_schedule(config: Config, steps_per_epoch: int):
     if train.lr_schedule == "constant":
         return train.learning_rate
     return keras.optimizers.schedules.CosineDecay(
-        train.learning_rate, decay_steps=max(1, train.epochs * steps_per_epoch), alpha=0.05
+        train.learning_rate, decay_steps=_steps(train.epochs, steps_per_epoch), alpha=0.05
     )
 
 
 def free_bits_schedule(config: Config, steps_per_epoch: int):
-    """step -> the free-bits floor (nats per latent dimension) at that training step: the
-    learning rate's cosine shape from `train.free_bits` at step 0 down to
-    `train.free_bits_final` at the last step; a constant `free_bits` when the final value
-    is unset or not below it (so `--set train.free_bits=0` still trains the plain ELBO)."""
+    """step -> the free-bits floor (nats per latent dimension) at that training step: a
+    cosine from `train.free_bits` at step 0 down to `train.free_bits_final` at the end of
+    epoch `train.free_bits_fall_epochs` (default: the last step), then constant; a constant
+    `free_bits` when the final value is unset or not below it (so `--set
+    train.free_bits=0` still trains the plain ELBO)."""
     import keras
 
     train = config.train
     final = train.free_bits if train.free_bits_final is None else min(train.free_bits_final, train.free_bits)
     if final == train.free_bits:
         return lambda step: train.free_bits
-    total = max(1, train.epochs * steps_per_epoch)
-    excess = keras.optimizers.schedules.CosineDecay(train.free_bits - final, decay_steps=total)
+    fall = min(train.epochs, train.free_bits_fall_epochs or train.epochs)
+    # after its decay_steps a CosineDecay stays at alpha * initial = 0
+    excess = keras.optimizers.schedules.CosineDecay(train.free_bits - final, decay_steps=_steps(fall, steps_per_epoch))
     return lambda step: final + excess(step)
 
 
@@ -257,6 +263,7 @@ class Steps(NamedTuple):
     train: Any  # (chunk, epoch, first_step) -> (this worker's sums, all weights finite)
     sum_over_workers: Any  # (3,) float64 -> the same summed over every worker
     replica_spread: Any  # weights fingerprint -> largest difference between replicas
+    free_bits: Any  # optimizer step -> the free-bits floor the step trains with
 
 
 def compile_steps(worker: Worker, strategy, model, optimizer) -> Steps:
@@ -316,7 +323,7 @@ def compile_steps(worker: Worker, strategy, model, optimizer) -> Steps:
         gathered = tf.reshape(strategy.gather(strategy.run(lambda: tf.identity(fingerprint)), axis=0), (-1, 4))
         return tf.reduce_max(tf.reduce_max(gathered, axis=0) - tf.reduce_min(gathered, axis=0))
 
-    return Steps(train, sum_over_workers, replica_spread)
+    return Steps(train, sum_over_workers, replica_spread, free_bits)
 
 
 def run_epoch(worker: Worker, steps: Steps, shard, cache: ShardCache, epoch: int) -> EpochOutcome:
@@ -367,7 +374,7 @@ def epoch_metrics(worker: Worker, steps: Steps, model, optimizer, epoch: int, ou
         "images_per_s": images / outcome.seconds,
         "epoch_time_s": outcome.seconds,
         "learning_rate": float(np.asarray(optimizer.learning_rate)),
-        "free_bits": float(np.asarray(free_bits_schedule(worker.config, worker.steps_per_epoch)(optimizer.iterations))),
+        "free_bits": float(np.asarray(steps.free_bits(optimizer.iterations))),
         "replicas_agree": spread == 0.0,
         "workers": worker.world,
     }

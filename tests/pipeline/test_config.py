@@ -49,6 +49,7 @@ def test_yaml_file_is_read(tmp_path):
         ("model.beta=-Infinity", "model.beta must be a finite number"),
         ("train.free_bits=1e400", "train.free_bits must be a finite number"),
         ("train.free_bits_final=-1", "train.free_bits_final must be >= 0 and <= 100"),
+        ("train.free_bits_fall_epochs=0", "train.free_bits_fall_epochs must be >= 1"),
         ("export.tolerance=1", "export.tolerance must be > 0 and < 1"),
     ],
 )

@@ -46,6 +46,20 @@ def test_free_bits_follow_the_learning_rates_cosine_to_their_final_value():
         assert float(free_bits_schedule(config, steps_per_epoch)(7)) == config.train.free_bits
 
 
+def test_free_bits_can_fall_in_fewer_epochs_and_then_stay_at_their_final_value():
+    from pipeline.train_loop import free_bits_schedule
+
+    overrides = ["train.epochs=4", "train.free_bits=0.6", "train.free_bits_final=0.1"]
+    schedule = free_bits_schedule(load_config(overrides=[*overrides, "train.free_bits_fall_epochs=2"]), 10)
+    values = [float(schedule(step)) for step in (0, 10, 20, 25, 40)]
+    np.testing.assert_allclose(values, [0.6, 0.35, 0.1, 0.1, 0.1], atol=1e-6)
+    # more fall epochs than epochs: the fall takes the whole run, as without the setting
+    longer = free_bits_schedule(load_config(overrides=[*overrides, "train.free_bits_fall_epochs=9"]), 10)
+    whole = free_bits_schedule(load_config(overrides=overrides), 10)
+    assert [float(longer(step)) for step in (10, 20, 30)] == [float(whole(step)) for step in (10, 20, 30)]
+    assert float(whole(20)) == pytest.approx(0.35)
+
+
 def test_a_checkpoint_per_epoch_kept_to_the_configured_number(trained_run):
     storage = trained_run.out / "ray"
     kept = sorted(p.name for p in storage.rglob("checkpoint_epoch_*") if p.is_dir())
