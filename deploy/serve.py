@@ -276,6 +276,10 @@ def choose_ingress(ingress: str) -> str:
     return ingress
 
 
+# After Ray's shutdown, how long no new HAProxy of ours may appear before serving stops.
+HAPROXY_QUIET_S = 3.0
+
+
 def serve_forever(
     artifact_dir: Path, host: str, port: int, replicas: int, limits: Limits, address: str | None, ingress: str = "auto"
 ) -> None:
@@ -306,7 +310,22 @@ def serve_forever(
         else:
             ingress_processes = own_haproxy(node_id)
             ray.shutdown()
-            stop_processes(list({p.pid: p for p in ingress_processes + own_haproxy(node_id)}.values()))
+            stop_own_haproxy(node_id, ingress_processes)
+
+
+def stop_own_haproxy(node_id: str, earlier: list, quiet_s: float = HAPROXY_QUIET_S) -> None:
+    """Stop `earlier` and every HAProxy of this node, then keep looking until none has
+    come for `quiet_s` (at most 10x that): a proxy actor can outlive ray.shutdown() by a
+    moment and start one more HAProxy (a graceful reload)."""
+    import time
+
+    stop_processes(list({p.pid: p for p in earlier + own_haproxy(node_id)}.values()))
+    quiet_since = started = time.monotonic()
+    while time.monotonic() - quiet_since < quiet_s and time.monotonic() - started < 10 * quiet_s:
+        time.sleep(0.2)
+        if late := own_haproxy(node_id):
+            stop_processes(late)
+            quiet_since = time.monotonic()
 
 
 def own_haproxy(node_id: str) -> list:
@@ -318,15 +337,18 @@ def own_haproxy(node_id: str) -> list:
     import psutil
 
     found = {}
-    for process in psutil.process_iter(["name", "cmdline"]):
+    for process in psutil.process_iter(["name", "cmdline", "status"]):
         try:
-            if process.info["name"] == "haproxy" and any(node_id in arg for arg in process.info["cmdline"] or ()):
+            if (
+                process.info["name"] == "haproxy" and process.info["status"] != psutil.STATUS_ZOMBIE
+                and any(node_id in arg for arg in process.info["cmdline"] or ())
+            ):
                 found[process.pid] = process
         except psutil.Error:
             continue
     for child in psutil.Process().children(recursive=True):
         try:
-            if child.name() == "haproxy":
+            if child.name() == "haproxy" and child.status() != psutil.STATUS_ZOMBIE:
                 found.setdefault(child.pid, child)
         except psutil.Error:
             continue

@@ -222,3 +222,33 @@ def test_an_orphaned_haproxy_of_this_node_is_found_and_stopped(tmp_path):
         for process in found:
             with contextlib.suppress(psutil.Error):
                 process.kill()
+
+
+def test_a_haproxy_that_comes_after_rays_shutdown_is_stopped_too(tmp_path):
+    """A proxy actor can outlive ray.shutdown() by a moment and start one more HAProxy."""
+    import shutil
+    import threading
+
+    import psutil
+
+    from deploy.serve import stop_own_haproxy
+
+    fake = tmp_path / "haproxy"
+    shutil.copy(shutil.which("sleep"), fake)
+    node_id = str(10**9 + 7 + os.getpid())
+    late = threading.Timer(1.0, lambda: subprocess.Popen([str(fake), "300", f"{node_id}s"], start_new_session=True))
+    started = time.monotonic()
+    late.start()
+    try:
+        stop_own_haproxy(node_id, [], quiet_s=2.0)
+    finally:
+        late.join()
+    assert time.monotonic() - started >= 3.0  # it waited out the quiet time after the late one
+    running = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.exe() == str(fake) and process.status() != psutil.STATUS_ZOMBIE:
+                running.append(process)
+    for process in running:
+        process.kill()
+    assert running == []
