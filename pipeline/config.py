@@ -81,14 +81,11 @@ class ModelConfig:
         from vae.config import preset
 
         base = preset(self.preset).to_dict()
-        for name in (
-            "latent_dim", "filters", "convs_per_stage", "encoder_convs_per_stage", "dense_units", "activation", "context",
-            "likelihood",
-        ):
-            value = getattr(self, name)
-            if value is not None:
-                base[name] = value
-        base["beta"] = self.beta
+        # every field but `preset` overrides the preset's value of the same name when set
+        for entry in dataclasses.fields(self):
+            value = getattr(self, entry.name)
+            if entry.name != "preset" and value is not None:
+                base[entry.name] = value
         return base
 
 

@@ -187,35 +187,44 @@ def test_concurrent_requests_are_decoded_together(server, generator):
     assert max(new) > 1, new  # at least one onnxruntime call carried several requests
 
 
+def fake_haproxy(tmp_path):
+    """`sleep` under HAProxy's name: give it "<node_id>s" and the node id is in its arguments."""
+    import shutil
+
+    fake = tmp_path / "haproxy"
+    shutil.copy(shutil.which("sleep"), fake)
+    return fake
+
+
+def copies_of(fake, processes) -> list:
+    """The live ones of `processes` running `fake`: this test's, not the server fixture's real HAProxy."""
+    import psutil
+
+    mine = []
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            if process.exe() == str(fake) and process.status() != psutil.STATUS_ZOMBIE:
+                mine.append(process)
+    return mine
+
+
 def test_an_orphaned_haproxy_of_this_node_is_found_and_stopped(tmp_path):
     """A Ctrl-C reaches Ray's processes too; the one that started HAProxy can go first and
     leave it orphaned. `serve_forever` still finds it by the node id in its config path."""
-    import shutil
-
     import psutil
 
     from deploy.serve import own_haproxy, stop_processes
 
-    fake = tmp_path / "haproxy"  # `sleep` under HAProxy's name; the "node id" is in its arguments
-    shutil.copy(shutil.which("sleep"), fake)
+    fake = fake_haproxy(tmp_path)
     node_id = str(10**9 + os.getpid())  # digits, so that `sleep` takes it: "<node_id>s"
     subprocess.run(["sh", "-c", f"'{fake}' 300 {node_id}s >/dev/null 2>&1 &"], check=True)  # orphaned at once
     deadline = time.monotonic() + 10
-
-    def fakes(processes):  # this test's process, not the server fixture's real HAProxy
-        mine = []
-        for process in processes:
-            with contextlib.suppress(psutil.Error):
-                if process.exe() == str(fake):
-                    mine.append(process)
-        return mine
-
-    while not (found := fakes(own_haproxy(node_id))) and time.monotonic() < deadline:
+    while not (found := copies_of(fake, own_haproxy(node_id))) and time.monotonic() < deadline:
         time.sleep(0.1)
     try:
         assert len(found) == 1
         assert found[0].pid not in {p.pid for p in psutil.Process().children(recursive=True)}
-        assert fakes(own_haproxy(str(10**9 - 1))) == []  # another node's HAProxy is not ours
+        assert copies_of(fake, own_haproxy(str(10**9 - 1))) == []  # another node's HAProxy is not ours
         stop_processes(found, grace_s=5)
         assert not found[0].is_running()
     finally:
@@ -226,15 +235,13 @@ def test_an_orphaned_haproxy_of_this_node_is_found_and_stopped(tmp_path):
 
 def test_a_haproxy_that_comes_after_rays_shutdown_is_stopped_too(tmp_path):
     """A proxy actor can outlive ray.shutdown() by a moment and start one more HAProxy."""
-    import shutil
     import threading
 
     import psutil
 
     from deploy.serve import stop_own_haproxy
 
-    fake = tmp_path / "haproxy"
-    shutil.copy(shutil.which("sleep"), fake)
+    fake = fake_haproxy(tmp_path)
     node_id = str(10**9 + 7 + os.getpid())
     late = threading.Timer(1.0, lambda: subprocess.Popen([str(fake), "300", f"{node_id}s"], start_new_session=True))
     started = time.monotonic()
@@ -244,11 +251,7 @@ def test_a_haproxy_that_comes_after_rays_shutdown_is_stopped_too(tmp_path):
     finally:
         late.join()
     assert time.monotonic() - started >= 3.0  # it waited out the quiet time after the late one
-    running = []
-    for process in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if process.exe() == str(fake) and process.status() != psutil.STATUS_ZOMBIE:
-                running.append(process)
+    running = copies_of(fake, psutil.process_iter())
     for process in running:
         process.kill()
     assert running == []
