@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import signal
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -293,12 +294,16 @@ def serve_forever(
     ingress = choose_ingress(ingress)
     # "local": a new Ray of our own, never one that happens to run on this machine.
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
+    # After ray.init, which sets its own: SIGTERM (kill, docker stop, systemd) stops serving
+    # exactly as Ctrl-C does, through the cleanup below. It matters most where Ctrl-C cannot
+    # reach: a background job of a script ignores SIGINT, and no handler runs on SIGKILL.
+    signal.signal(signal.SIGTERM, _interrupt)
     node_id = ray.get_runtime_context().get_node_id()
     try:
         serve.start(http_options={"host": host, "port": port, "request_timeout_s": 30})
         serve.run(application, name=APP_NAME, route_prefix="/")
         print(f"serving {artifact_dir} on http://{host}:{port} ({replicas} replica{'s' * (replicas != 1)}, "
-              f"{ingress} ingress); Ctrl-C stops", flush=True)
+              f"{ingress} ingress); Ctrl-C or SIGTERM stops", flush=True)
         while True:
             time.sleep(3600)
     finally:
@@ -311,6 +316,10 @@ def serve_forever(
             ingress_processes = own_haproxy(node_id)
             ray.shutdown()
             stop_own_haproxy(node_id, ingress_processes)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def stop_own_haproxy(node_id: str, earlier: list, quiet_s: float = HAPROXY_QUIET_S) -> None:
@@ -332,8 +341,7 @@ def own_haproxy(node_id: str) -> list:
     """The HAProxy processes this process's own Ray started: Ray's shutdown kills the
     proxy actor but not the HAProxy it runs, which would keep holding the port. Found as
     descendants, and by the config path Serve gives each node's HAProxy (it names the node):
-    a Ctrl-C reaches Ray's processes too, and one that went first leaves its HAProxy
-    orphaned, no longer a descendant."""
+    once the worker that started it has gone, HAProxy is orphaned, no longer a descendant."""
     import psutil
 
     found = {}

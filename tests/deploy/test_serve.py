@@ -24,15 +24,17 @@ MAX_BODY = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def server(artifact):  # noqa: F811
+def server(artifact, tmp_path_factory):  # noqa: F811
     """The CLI in its own process, with its own local Ray, as a user starts it."""
     port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "output.txt"  # a file: Ray's processes may hold a pipe open
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
-    process = subprocess.Popen(
-        [os.path.join(VENV_BIN, "vae-generate"), "serve", "--model", str(artifact.out), "--port", str(port),
-         "--max-body-bytes", str(MAX_BODY), "--batch-wait-ms", "20"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
-    )
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [os.path.join(VENV_BIN, "vae-generate"), "serve", "--model", str(artifact.out), "--port", str(port),
+             "--max-body-bytes", str(MAX_BODY), "--batch-wait-ms", "20"],
+            stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
@@ -41,10 +43,13 @@ def server(artifact):  # noqa: F811
                 break
         except OSError:
             pass
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.5)
     yield url
-    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: Serve and Ray shut down
+    # SIGTERM, as kill, docker stop and systemd send it: Serve and Ray shut down. (Not
+    # SIGINT: pytest run from a script's background job inherits SIGINT ignored, and the
+    # server would never see it.)
+    process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
@@ -59,6 +64,7 @@ def server(artifact):  # noqa: F811
     for leftover in left:
         with contextlib.suppress(Exception):
             leftover.kill()
+    assert process.returncode == 0, f"exit {process.returncode} after SIGTERM: {log.read_text()[-3000:]}"
     assert "haproxy" not in names, names
 
 
@@ -209,8 +215,8 @@ def copies_of(fake, processes) -> list:
 
 
 def test_an_orphaned_haproxy_of_this_node_is_found_and_stopped(tmp_path):
-    """A Ctrl-C reaches Ray's processes too; the one that started HAProxy can go first and
-    leave it orphaned. `serve_forever` still finds it by the node id in its config path."""
+    """The Ray worker that started HAProxy can go first and leave it orphaned;
+    `serve_forever` still finds it by the node id in its config path."""
     import psutil
 
     from deploy.serve import own_haproxy, stop_processes
