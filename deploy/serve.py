@@ -295,8 +295,8 @@ def serve_forever(
     # "local": a new Ray of our own, never one that happens to run on this machine.
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
     # After ray.init, which sets its own: SIGTERM (kill, docker stop, systemd) stops serving
-    # exactly as Ctrl-C does, through the cleanup below. It matters most where Ctrl-C cannot
-    # reach: a background job of a script ignores SIGINT, and no handler runs on SIGKILL.
+    # exactly as Ctrl-C does, through the cleanup below: service managers send it, and a
+    # script's background job, which Ctrl-C cannot reach, ignores SIGINT.
     signal.signal(signal.SIGTERM, _interrupt)
     node_id = ray.get_runtime_context().get_node_id()
     try:
@@ -307,15 +307,43 @@ def serve_forever(
         while True:
             time.sleep(3600)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
         # On a cluster of its own the application goes with Ray (Serve's own shutdown
         # drains for half a minute); on a shared cluster only this application is removed.
         if address:
             serve.delete(APP_NAME)
-            ray.shutdown()
+            shutdown_ray_ignoring_sigterm()
         else:
             ingress_processes = own_haproxy(node_id)
-            ray.shutdown()
+            shutdown_ray_ignoring_sigterm()
             stop_own_haproxy(node_id, ingress_processes)
+
+
+def shutdown_ray_ignoring_sigterm(every_s: float = 0.005) -> None:
+    """ray.shutdown() with SIGTERM kept ignored: Ray's core resets SIGTERM to its default
+    action (terminate) about 0.3 s into its shutdown, which takes 1.4 s here, and only the
+    main thread may set a handler. So the shutdown runs in a thread while this one puts
+    the ignore back every `every_s`."""
+    import threading
+
+    import ray
+
+    failure: list[BaseException] = []
+
+    def shutdown() -> None:
+        try:
+            ray.shutdown()
+        except BaseException as exc:  # raised again below, in the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=shutdown, name="ray-shutdown")
+    thread.start()
+    while thread.is_alive():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        thread.join(every_s)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if failure:
+        raise failure[0]
 
 
 def _interrupt(signum, frame) -> None:

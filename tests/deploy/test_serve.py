@@ -50,6 +50,9 @@ def server(artifact, tmp_path_factory):  # noqa: F811
     # SIGINT: pytest run from a script's background job inherits SIGINT ignored, and the
     # server would never see it.)
     process.send_signal(signal.SIGTERM)
+    time.sleep(1)  # and again, as an impatient supervisor might: the cleanup must still finish
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
