@@ -372,23 +372,15 @@ def own_haproxy(node_id: str) -> list:
     once the worker that started it has gone, HAProxy is orphaned, no longer a descendant."""
     import psutil
 
-    found = {}
+    descendants = {child.pid for child in psutil.Process().children(recursive=True)}
+    found = []
     for process in psutil.process_iter(["name", "cmdline", "status"]):
-        try:
-            if (
-                process.info["name"] == "haproxy" and process.info["status"] != psutil.STATUS_ZOMBIE
-                and any(node_id in arg for arg in process.info["cmdline"] or ())
-            ):
-                found[process.pid] = process
-        except psutil.Error:
+        info = process.info
+        if info["name"] != "haproxy" or info["status"] == psutil.STATUS_ZOMBIE:
             continue
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if child.name() == "haproxy" and child.status() != psutil.STATUS_ZOMBIE:
-                found.setdefault(child.pid, child)
-        except psutil.Error:
-            continue
-    return list(found.values())
+        if process.pid in descendants or any(node_id in arg for arg in info["cmdline"] or ()):
+            found.append(process)
+    return found
 
 
 def stop_processes(processes: list, grace_s: float = 5.0) -> None:
