@@ -26,7 +26,14 @@ import numpy as np
 from deploy.artifact import sha256_file
 from pipeline.atomic import atomic_directory, write_json
 from pipeline.errors import PipelineError
-from pipeline.schema import LEGACY_WEIGHTS_FILE, MODEL_CONFIG_FILE, MODEL_DIR, MODEL_FILE
+from pipeline.schema import (
+    CHECKPOINT_PREFIX,
+    LEGACY_WEIGHTS_FILE,
+    MODEL_CONFIG_FILE,
+    MODEL_DIR,
+    MODEL_FILE,
+)
+from pipeline.storage import Store
 
 OPTIMIZER_FILE = "optimizer.npz"
 CHECKPOINT_INFO_FILE = "checkpoint.json"
@@ -137,6 +144,27 @@ def restore_checkpoint(directory: Path, model, optimizer) -> dict[str, Any]:
     model.load_weights(directory / MODEL_FILE)
     set_state(load_arrays(directory / OPTIMIZER_FILE), optimizer=optimizer)
     return info
+
+
+def find_latest_checkpoint(storage: str) -> str | None:
+    """The newest `checkpoint_epoch_NNNN` directory under `storage` (path or URI): the
+    highest epoch, and of two with the same epoch the later Ray Train run (run names
+    hold their start time)."""
+    store = Store.open(storage)
+    found = set()
+    for name in store.list_files():
+        parts = name.split("/")
+        for depth, part in enumerate(parts[:-1]):
+            if part.startswith(CHECKPOINT_PREFIX) and part[len(CHECKPOINT_PREFIX):].isdigit():
+                found.add((int(part[len(CHECKPOINT_PREFIX):]), "/".join(parts[: depth + 1])))
+    return store.uri(max(found)[1]) if found else None
+
+
+def checkpoint_epoch(location: str) -> int:
+    """The epoch in a `checkpoint_epoch_NNNN` path's last part; -1 for any other name."""
+    name = location.rstrip("/").rsplit("/", 1)[-1]
+    suffix = name[len(CHECKPOINT_PREFIX) :]
+    return int(suffix) if name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else -1
 
 
 def read_json(path: Path) -> Any:

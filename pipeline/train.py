@@ -26,10 +26,14 @@ from pipeline.atomic import write_json, write_text
 from pipeline.config import Config, TrainConfig
 from pipeline.dataset import check_dataset, with_dataset_section
 from pipeline.errors import PipelineError, find_user_error, last_line
-from pipeline.model_store import check_checkpoint, read_checkpoint_info, write_model_dir
+from pipeline.model_store import (
+    check_checkpoint,
+    find_latest_checkpoint,
+    read_checkpoint_info,
+    write_model_dir,
+)
 from pipeline.outputs import check_output, claim_output
 from pipeline.schema import (
-    CHECKPOINT_PREFIX,
     CONFIG_FILE,
     METRICS_FILE,
     MODEL_DIR,
@@ -37,7 +41,7 @@ from pipeline.schema import (
     TENSORBOARD_DIR,
     TRAIN_SUMMARY_FILE,
 )
-from pipeline.storage import Store, join
+from pipeline.storage import join
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +64,6 @@ class TrainResult:
 def storage_location(config: Config, out: Path) -> str:
     """Ray Train's storage_path: the configured one (path or URI) or TRAIN_DIR/ray."""
     return config.train.storage_path or str((Path(out) / RAY_STORAGE_DIR).resolve())
-
-
-def find_latest_checkpoint(storage: str) -> str | None:
-    """The newest `checkpoint_epoch_NNNN` directory under `storage` (path or URI): the
-    highest epoch, and of two with the same epoch the later Ray Train run (run names
-    hold their start time)."""
-    store = Store.open(storage)
-    found = set()
-    for name in store.list_files():
-        parts = name.split("/")
-        for depth, part in enumerate(parts[:-1]):
-            if part.startswith(CHECKPOINT_PREFIX) and part[len(CHECKPOINT_PREFIX):].isdigit():
-                found.add((int(part[len(CHECKPOINT_PREFIX):]), "/".join(parts[: depth + 1])))
-    return store.uri(max(found)[1]) if found else None
 
 
 def check_batch_fits(train: TrainConfig, train_rows: int) -> None:
@@ -181,6 +171,7 @@ def fit(config, parquet, manifest, storage, resume_from, out, verbose):
     # stream from memory instead of re-reading Parquet.
     dataset = ray.data.read_parquet(join(parquet, "train"), columns=["image"]).materialize()
     progress = Queue(actor_options=driver_node_actor_options())
+    run_name = f"{RUN_NAME_PREFIX}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = TensorflowTrainer(
         train_func,
         train_loop_config={
@@ -189,6 +180,7 @@ def fit(config, parquet, manifest, storage, resume_from, out, verbose):
             "progress": progress,
             # Ray Train V2 dropped `resume_from_checkpoint`: the loop loads it itself.
             "resume_from": resume_from,
+            "run_storage": join(storage, run_name),  # where this run's checkpoints go
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.train.num_workers,
@@ -196,7 +188,7 @@ def fit(config, parquet, manifest, storage, resume_from, out, verbose):
             resources_per_worker={"CPU": config.train.cpus_per_worker, **({"GPU": 1} if config.train.use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=f"{RUN_NAME_PREFIX}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=run_name,
             storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.train.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),

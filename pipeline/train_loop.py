@@ -23,7 +23,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.model_store import restore_checkpoint, write_checkpoint
+from pipeline.errors import PipelineError
+from pipeline.model_store import (
+    checkpoint_epoch,
+    find_latest_checkpoint,
+    restore_checkpoint,
+    write_checkpoint,
+)
 from pipeline.schema import CHECKPOINT_PREFIX, COLUMN_IMAGE, IMAGE_SHAPE
 
 SHUFFLE_BUFFER_ROWS = 8192
@@ -182,7 +188,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
     worker, strategy = start_worker(loop_config)
     model, optimizer = build_model_and_optimizer(worker, strategy)
-    start_epoch, history = restore(model, optimizer, loop_config.get("resume_from"))
+    start_epoch, history = restore(model, optimizer, loop_config.get("resume_from"), loop_config.get("run_storage"))
     worker.tell_driver({"event": "start", "epoch": start_epoch, "workers": worker.world, "time": time.time()})
     steps = compile_steps(worker, strategy, model, optimizer)
     shard, cache = ray.train.get_dataset_shard("train"), ShardCache()
@@ -241,17 +247,33 @@ def build_model_and_optimizer(worker: Worker, strategy):
     return model, optimizer
 
 
-def restore(model, optimizer, resume_from: str | None) -> tuple[int, list[dict[str, Any]]]:
+def restore(model, optimizer, resume_from: str | None, run_storage: str | None = None) -> tuple[int, list[dict[str, Any]]]:
     """The first epoch to run and the history so far. After a worker failure Ray Train
-    hands back the run's latest checkpoint; on a fresh start an earlier run's checkpoint
-    may be given (`--resume`)."""
+    hands back the latest checkpoint its controller registered; on a fresh start an
+    earlier run's checkpoint may be given (`--resume`).
+
+    A node that dies after its worker uploaded a checkpoint but before the controller took
+    the report leaves a newer checkpoint in this run's storage (`run_storage`) than Ray
+    hands back. That one is used when it reads back whole, so the epoch is not trained
+    twice; a half-uploaded one fails `check_checkpoint` and Ray's is used."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and resume_from:
         checkpoint = ray.train.Checkpoint(resume_from)
+    uploaded = find_latest_checkpoint(run_storage) if run_storage else None
+    registered = checkpoint_epoch(checkpoint.path) if checkpoint is not None else -1
+    if uploaded is not None and checkpoint_epoch(uploaded) > registered:
+        try:
+            return _restore_from(ray.train.Checkpoint(uploaded), model, optimizer)
+        except (PipelineError, OSError) as exc:
+            print(f"train: not resuming from {uploaded} ({exc}); using Ray's latest checkpoint", file=sys.stderr)
     if checkpoint is None:
         return 0, []
+    return _restore_from(checkpoint, model, optimizer)
+
+
+def _restore_from(checkpoint, model, optimizer) -> tuple[int, list[dict[str, Any]]]:
     with checkpoint.as_directory() as directory:
         info = restore_checkpoint(Path(directory), model, optimizer)
     return info["epoch"] + 1, info["history"]

@@ -242,3 +242,33 @@ def test_latest_checkpoint_is_the_highest_epoch_then_the_later_run(tmp_path):
         (directory / "vae.keras").write_bytes(b"x")
     (tmp_path / "vae-train-20261127-110000" / "checkpoint_epoch_0009").mkdir(parents=True)  # empty: never written
     assert find_latest_checkpoint(str(tmp_path)) == str(tmp_path / "vae-train-20261127-090000" / "checkpoint_epoch_0003")
+
+
+def test_a_checkpoint_uploaded_but_never_registered_is_resumed_from(tmp_path, trained_run, monkeypatch, capsys):
+    """A node that dies after its worker uploaded epoch 2's checkpoint, but before Ray's
+    controller took the report, restarts with Ray handing back epoch 1: the run's storage
+    holds epoch 2, which is used. A half-uploaded one is passed over for Ray's."""
+    import shutil
+
+    import ray.train
+    import tensorflow as tf
+
+    from pipeline.train_loop import Worker, build_model_and_optimizer, restore
+
+    storage = Path(find_latest_checkpoint(str(trained_run.out / "ray"))).parent
+    run = tmp_path / "vae-20261127-210000"
+    for epoch in (1, 2):
+        shutil.copytree(storage / f"checkpoint_epoch_000{epoch}", run / f"checkpoint_epoch_000{epoch}")
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint(str(run / "checkpoint_epoch_0001")))
+    config = load_config(overrides=TRAINED_RUN)
+    worker = Worker(config, rank=0, world=1, batch=64, steps_per_epoch=8, progress=None)
+    model, optimizer = build_model_and_optimizer(worker, tf.distribute.get_strategy())
+
+    start, history = restore(model, optimizer, None, str(run))
+    assert (start, [row["epoch"] for row in history]) == (3, [0, 1, 2])
+    assert restore(model, optimizer, None, None)[0] == 2  # without the run's storage: Ray's own
+
+    (run / "checkpoint_epoch_0002" / "optimizer.npz").unlink()  # the upload cut short
+    start, history = restore(model, optimizer, None, str(run))
+    assert (start, len(history)) == (2, 2)
+    assert "not resuming from" in capsys.readouterr().err
