@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
 import numbers
 import os
@@ -54,6 +57,29 @@ def provider_options(providers: list[str], allow_tf32: bool = False, cuda_option
     return [cuda if p == CUDA else {} for p in providers]
 
 
+@functools.cache  # once a process: what it loads stays loaded
+def load_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries onnxruntime-gpu's CUDA provider links against.
+
+    Installed as pip packages (`pip install "onnxruntime-gpu[cuda,cudnn]"`), they sit in
+    site-packages, off the dynamic loader's path, and the provider fails to start without
+    `onnxruntime.preload_dlls()`; libraries already on the path are found there too.
+    What it prints about libraries it cannot load becomes one warning."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:  # onnxruntime before 1.21: the libraries must be on the loader's path
+        return
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            preload()
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own; CUDA then fails with its own message
+        warnings.warn(f"onnxruntime.preload_dlls failed: {exc}", stacklevel=3)
+        return
+    failures = [line.strip() for line in printed.getvalue().splitlines() if line.startswith("Failed to load")]
+    if failures:
+        warnings.warn(f"onnxruntime.preload_dlls: {failures[0]} ({len(failures)} libraries missing)", stacklevel=3)
+
+
 class Generator:
     """Decode, sample, interpolate and encode with an exported VAE artifact.
 
@@ -98,6 +124,8 @@ class Generator:
         self.artifact_dir = Path(artifact_dir)
         sums = verify_checksums(self.artifact_dir)
         requested = choose_providers(providers)
+        if CUDA in requested:
+            load_cuda_libraries()
         on_cpu = requested[0] == CPU
         if parallel is None:
             parallel = (os.cpu_count() or 1) if on_cpu else 1

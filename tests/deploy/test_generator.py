@@ -322,6 +322,32 @@ def test_single_images_go_through_the_graph_thread_from_any_caller(artifact, mon
     np.testing.assert_allclose(generator.decode(z[:1]), whole[:1], atol=1e-6)
 
 
+def test_cuda_libraries_are_preloaded_once_and_what_is_missing_is_one_warning(monkeypatch, capsys):
+    """onnxruntime-gpu's CUDA libraries from pip live off the loader's path: `preload_dlls`
+    loads them. What it prints about missing ones becomes a warning, not stdout noise."""
+    import onnxruntime as ort
+
+    from deploy.generator import load_cuda_libraries
+
+    calls = []
+
+    def preload():
+        calls.append(1)
+        print("Failed to load libcudart.so.13: not found")
+        print("Failed to load libcublas.so.13: not found")
+        print("Please follow https://onnxruntime.ai/docs/install/#cuda-and-cudnn to install CUDA.")
+
+    monkeypatch.setattr(ort, "preload_dlls", preload, raising=False)
+    load_cuda_libraries.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"libcudart.so.13: not found \(2 libraries missing\)"):
+            load_cuda_libraries()
+        load_cuda_libraries()
+    finally:
+        load_cuda_libraries.cache_clear()
+    assert calls == [1] and capsys.readouterr().out == ""
+
+
 def _has_cuda() -> bool:
     import onnxruntime as ort
 
