@@ -142,18 +142,18 @@ class Generator:
         if requested == [CUDA]:  # "cuda" means every node on CUDA: fail rather than fall back
             options.add_session_config_entry(NO_CPU_FALLBACK, "1")
         self.session_options = options
-        providers_and_options = (requested, provider_options(requested, allow_tf32, cuda_options))
-        self._decoder = _session(self.artifact_dir / DECODER_FILE, options, *providers_and_options)
+        per_provider = provider_options(requested, allow_tf32, cuda_options)
+        self._decoder = _session(self.artifact_dir / DECODER_FILE, options, requested, per_provider)
         self._encoder = None
         if ENCODER_FILE in sums:
-            self._encoder = _session(self.artifact_dir / ENCODER_FILE, options, *providers_and_options)
+            self._encoder = _session(self.artifact_dir / ENCODER_FILE, options, requested, per_provider)
         self.providers = self._decoder.get_providers()  # what onnxruntime really runs on
         if requested[0] == CUDA and self.providers[0] != CUDA:
             warnings.warn(f"onnxruntime could not start CUDA; running on {self.providers}", stacklevel=2)
         self._single = None
         if cuda_graph and self.providers[0] == GRAPH_PROVIDER:
             self._single = SingleImageGraph.create(
-                self.artifact_dir / DECODER_FILE, options, providers_and_options[1][0], self._decoder
+                self.artifact_dir / DECODER_FILE, options, per_provider[requested.index(GRAPH_PROVIDER)], self._decoder
             )
         meta = self._decoder.get_modelmeta().custom_metadata_map
         self.latent_dim = int(self._decoder.get_inputs()[0].shape[1])

@@ -155,8 +155,9 @@ def find_latest_checkpoint(storage: str) -> str | None:
     for name in store.list_files():
         parts = name.split("/")
         for depth, part in enumerate(parts[:-1]):
-            if part.startswith(CHECKPOINT_PREFIX) and part[len(CHECKPOINT_PREFIX):].isdigit():
-                found.add((int(part[len(CHECKPOINT_PREFIX):]), "/".join(parts[: depth + 1])))
+            epoch = checkpoint_epoch(part)
+            if epoch >= 0:
+                found.add((epoch, "/".join(parts[: depth + 1])))
     return store.uri(max(found)[1]) if found else None
 
 
