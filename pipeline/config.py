@@ -60,6 +60,7 @@ class ModelConfig:
     filters: tuple[int, ...] | None = None
     convs_per_stage: int | None = None
     encoder_convs_per_stage: int | None = None
+    decoder_filters: tuple[int, ...] | None = None
     dense_units: int | None = None
     activation: str | None = None
     context: str | None = None  # pixel context from the rows above: none, above, rows

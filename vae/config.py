@@ -31,7 +31,7 @@ class VAEConfig:
     The encoder has one stage per entry of `filters`: a stride-2 3x3 convolution
     followed by `encoder_convs_per_stage - 1` stride-1 ones (None: `convs_per_stage`),
     then a dense layer of `dense_units` and the two latent heads. The decoder mirrors it with transposed
-    convolutions and ends in a 3x3 transposed convolution giving one Bernoulli
+    convolutions, `decoder_filters` wide (None: `filters`), and ends in a 3x3 transposed convolution giving one Bernoulli
     logit per pixel, or with a pixel `context` (see vae.context) a base logit and one
     weight per context pixel in the rows above.
     """
@@ -40,6 +40,7 @@ class VAEConfig:
     filters: tuple[int, ...] = (32, 64)
     convs_per_stage: int = 1
     encoder_convs_per_stage: int | None = None  # the encoder's own depth (None: convs_per_stage)
+    decoder_filters: tuple[int, ...] | None = None  # the decoder's own widths (None: filters)
     dense_units: int = 16
     activation: str = "relu"
     beta: float = 1.0
@@ -52,6 +53,8 @@ class VAEConfig:
             raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
         if len(self.filters) != 2 or min(self.filters) < 1:
             raise ValueError(f"filters must be two positive integers, got {self.filters}")
+        if self.decoder_filters is not None and (len(self.decoder_filters) != 2 or min(self.decoder_filters) < 1):
+            raise ValueError(f"decoder_filters must be two positive integers, got {self.decoder_filters}")
         if self.convs_per_stage < 1:
             raise ValueError(f"convs_per_stage must be >= 1, got {self.convs_per_stage}")
         if self.encoder_convs_per_stage is not None and self.encoder_convs_per_stage < 1:

@@ -89,6 +89,8 @@ def test_model_section_resolves_preset_with_overrides():
     assert architecture["dense_units"] == 16
     assert architecture["context"] == "none"
     assert load_config(overrides=["model.preset=seed", "model.context=above"]).model.architecture()["context"] == "above"
+    narrow = load_config(overrides=["model.decoder_filters=[32, 32]"]).model.architecture()
+    assert tuple(narrow["decoder_filters"]) == (32, 32) and tuple(narrow["filters"]) == (32, 64)
 
 
 MODEL_KEY_ERRORS = [
@@ -96,6 +98,7 @@ MODEL_KEY_ERRORS = [
     ("model.latent_dim=0", "model.latent_dim must be >= 1, got 0"),
     ("model.filters=[8]", "model.filters must be two positive integers, got (8,)"),
     ("model.filters=[8, 0]", "model.filters must be two positive integers, got (8, 0)"),
+    ("model.decoder_filters=[32, 0]", "model.decoder_filters must be two positive integers, got (32, 0)"),
     ("model.convs_per_stage=0", "model.convs_per_stage must be >= 1, got 0"),
     ("model.dense_units=0", "model.dense_units must be >= 1, got 0"),
     ("model.activation=tanhh", "model.activation must be one of ('relu', 'elu', 'gelu', 'swish'), got 'tanhh'"),

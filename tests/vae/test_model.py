@@ -55,6 +55,23 @@ def test_the_encoder_can_be_deeper_than_the_decoder():
     assert model.encoder.count_params() > shallow.encoder.count_params()
 
 
+
+def test_the_decoder_can_be_narrower_than_the_encoder():
+    config = VAEConfig(latent_dim=3, filters=(4, 8), dense_units=8, decoder_filters=(4, 2), context="above")
+    assert VAEConfig.from_dict(config.to_dict()) == config
+    model = build_vae(config, seed=0)
+    assert [tuple(layer.output.shape[1:]) for layer in model.decoder.layers[1:]] == [
+        (98,), (7, 7, 2), (14, 14, 2), (28, 28, 4), (28, 28, 2)
+    ]
+    wide = build_vae(VAEConfig(latent_dim=3, filters=(4, 8), dense_units=8, context="above"), seed=0)
+    assert model.encoder.count_params() == wide.encoder.count_params()
+    images = np.random.default_rng(0).uniform(size=(2, 28, 28, 1)).astype(np.float32)
+    z_mean, z_log_var, logits = model(images)
+    assert tuple(logits.shape[:3]) == (2, 28, 28) and z_mean.shape == (2, 3)
+    for bad in ((4,), (4, 0)):
+        with pytest.raises(ValueError, match="decoder_filters must be two positive integers"):
+            VAEConfig(decoder_filters=bad)
+
 def train_steps(model, optimizer, images, steps):
     import tensorflow as tf
 
