@@ -226,7 +226,14 @@ def test_a_lost_progress_channel_does_not_stop_a_worker(ray_local, capfd):
     speaker = Worker(config, rank=0, world=2, batch=8, steps_per_epoch=1, progress=queue)
     speaker.tell_driver({"epoch": 0})
     assert queue.get(timeout=10) == {"epoch": 0}
-    ray_local.kill(queue.actor)
+    ray_local.kill(queue.actor)  # asynchronous: a call sent just after it may still be served
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray_local.get(queue.actor.qsize.remote(), timeout=10)
+        except ray_local.exceptions.RayActorError:
+            break
+        time.sleep(0.1)
     speaker.tell_driver({"epoch": 1})
     assert "progress channel lost" in capfd.readouterr().err
     Worker(config, rank=1, world=2, batch=8, steps_per_epoch=1, progress=queue).tell_driver({"epoch": 1})
