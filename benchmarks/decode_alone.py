@@ -14,7 +14,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def measure(artifact: str) -> dict[str, float]:
     """This process's share: batch-1 p50 (ms) and batch-256 images/s of one artifact."""
     sys.path.insert(0, str(ROOT))
+    from benchmarks.inference import latencies
     from deploy import Generator
 
     generator = Generator(artifact, providers="cpu")
@@ -32,13 +32,7 @@ def measure(artifact: str) -> dict[str, float]:
     result = {}
     for batch, calls in ((1, 1000), (256, 40)):
         z = rng.standard_normal((batch, generator.latent_dim)).astype(np.float32)
-        for _ in range(50 if batch == 1 else 3):
-            generator.decode(z)
-        times = []
-        for _ in range(calls):
-            started = time.perf_counter()
-            generator.decode(z)
-            times.append(time.perf_counter() - started)
+        times = latencies({"decode": generator.decode}, z, calls, block=calls)["decode"]
         result[str(batch)] = float(np.median(times))
     return {"batch1_ms": result["1"] * 1e3, "batch256_images_s": 256 / result["256"]}
 

@@ -51,10 +51,9 @@ class VAEConfig:
     def __post_init__(self) -> None:
         if self.latent_dim < 1:
             raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
-        if len(self.filters) != 2 or min(self.filters) < 1:
-            raise ValueError(f"filters must be two positive integers, got {self.filters}")
-        if self.decoder_filters is not None and (len(self.decoder_filters) != 2 or min(self.decoder_filters) < 1):
-            raise ValueError(f"decoder_filters must be two positive integers, got {self.decoder_filters}")
+        for name, widths in (("filters", self.filters), ("decoder_filters", self.decoder_filters)):
+            if widths is not None and (len(widths) != 2 or min(widths) < 1):
+                raise ValueError(f"{name} must be two positive integers, got {widths}")
         if self.convs_per_stage < 1:
             raise ValueError(f"convs_per_stage must be >= 1, got {self.convs_per_stage}")
         if self.encoder_convs_per_stage is not None and self.encoder_convs_per_stage < 1:

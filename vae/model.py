@@ -76,7 +76,7 @@ def build_decoder(config: VAEConfig) -> keras.Model:
     widths = config.decoder_filters or config.filters
     base = (height // 4, width // 4, widths[-1])
     x = layers.Dense(base[0] * base[1] * base[2], activation=config.activation, name="decoder_dense")(z)
-    x = layers.Reshape(base, name="decoder_reshape")(x)  # (N, H/4, W/4, filters[-1])
+    x = layers.Reshape(base, name="decoder_reshape")(x)  # (N, H/4, W/4, widths[-1])
     for stage, filters in enumerate(reversed(widths), start=1):
         x = layers.Conv2DTranspose(
             filters, 3, strides=2, padding="same", activation=config.activation, name=f"decoder_upconv{stage}"

@@ -55,7 +55,6 @@ def test_the_encoder_can_be_deeper_than_the_decoder():
     assert model.encoder.count_params() > shallow.encoder.count_params()
 
 
-
 def test_the_decoder_can_be_narrower_than_the_encoder():
     config = VAEConfig(latent_dim=3, filters=(4, 8), dense_units=8, decoder_filters=(4, 2), context="above")
     assert VAEConfig.from_dict(config.to_dict()) == config
@@ -71,6 +70,7 @@ def test_the_decoder_can_be_narrower_than_the_encoder():
     for bad in ((4,), (4, 0)):
         with pytest.raises(ValueError, match="decoder_filters must be two positive integers"):
             VAEConfig(decoder_filters=bad)
+
 
 def train_steps(model, optimizer, images, steps):
     import tensorflow as tf
