@@ -11,10 +11,11 @@ nodes per row:
 
 The two forms are the same sum (Keras centres each context pixel, p - 0.5, and pads
 with -0.5; here the -0.5 is folded into base0 and the padding is 0). With one context
-pixel straight above (the default, context "above") the convolution's output is split
-into rows by one Split, a row costs Mul, Add and Sigmoid, and one Concat joins the rows
-into the image; other contexts gather the neighbours in one Gather per row. The export
-check verifies every row against Keras given the same rows above, as before.
+pixel straight above (context "above") the convolution's output is split into rows by
+one Split, a row costs Mul, Add and Sigmoid, and one Concat joins the rows into the
+image; other contexts ("rows", the default) cost Concat, Gather, Mul, ReduceSum and
+Sigmoid a row, the base counted as one more weight on a neighbour that is always 1. The
+export check verifies every row against Keras given the same rows above, as before.
 """
 
 from __future__ import annotations
@@ -182,40 +183,48 @@ def _fill_above(g: _Graph, di: int, height: int, width: int, mean) -> list[str]:
 
 
 def _fill(g: _Graph, offsets, height: int, width: int, mean) -> list[str]:
-    """Nodes for rows p_0 .. p_{H-1}, each (N, 1, 1, W), any context; returns their names."""
-    k = len(offsets)
-    base0, weights = g.node("Split", [DECODED, g.const("split", np.array([1, k], np.int64))], 2, axis=1)
-    row_split = g.const("rows", np.ones(height, np.int64))
-    base_rows = g.node("Split", [base0, row_split], height, axis=2)  # each (N, 1, 1, W)
-    # gather the neighbours; a weight whose neighbour is off the image is 0
-    mask = np.array([[0 <= j + dj < width for j in range(width)] for _, dj in offsets], np.float32)
-    by_row = g.one("Transpose", [weights], perm=[0, 2, 1, 3])  # (N, H, K, W)
-    by_row = g.one("Unsqueeze", [by_row, g.const("axis", np.array([2], np.int64))])  # (N, H, 1, K, W)
+    """Nodes for rows p_0 .. p_{H-1}, each (N, 1, 1, W), any context; returns their names.
+
+    A row's logit is one weighted sum, sum_k w_ik * n_ik with the base as weight 0 on a
+    neighbour that is always 1: Concat (the rows it reads and a column of ones), Gather,
+    Mul and ReduceSum, then the mean."""
+    # per row (N, 1, 1, 1 + K, W): the base and the K weights, a weight 0 where its neighbour is off the image
+    mask = np.array([[1.0] * width] + [[0 <= j + dj < width for j in range(width)] for _, dj in offsets], np.float32)
+    by_row = g.one("Transpose", [DECODED], perm=[0, 2, 1, 3])  # (N, H, 1 + K, W)
+    by_row = g.one("Unsqueeze", [by_row, g.const("axis", np.array([2], np.int64))])  # (N, H, 1, 1 + K, W)
     masked = g.one("Mul", [by_row, g.const("mask", mask[None, None, None])])
-    weight_rows = g.node("Split", [masked, row_split], height, axis=1)  # each (N, 1, 1, K, W)
+    weight_rows = g.node("Split", [masked, g.const("rows", np.ones(height, np.int64))], height, axis=1)
+    # (N, 1, 1, 1) of ones: x ** 0 is 1 for every x
+    starts, ends, axes = (g.const(hint, np.array(v, np.int64)) for hint, v in (("starts", [0] * 3), ("ends", [1] * 3), ("axes", [1, 2, 3])))
+    corner = g.one("Slice", [DECODED, starts, ends, axes])
+    ones = g.one("Pow", [corner, g.const("zero", np.float32(0.0))])
     rows: list[str] = []
     for i in range(height):
         inside = [(index, di, dj) for index, (di, dj) in enumerate(offsets) if i + di >= 0]
-        if not inside:  # every context pixel is above the image: background
-            logit = base_rows[i]
+        if not inside:  # every context pixel is above the image (background): the base alone
+            logit = g.one("Gather", [weight_rows[i], g.const("base", np.array(0, np.int64))], axis=3)
         else:
-            logit = g.one("Add", [base_rows[i], _context_term(g, rows, weight_rows[i], i, inside, k, width)])
+            logit = _weighted_sum(g, rows, ones, weight_rows[i], i, inside, len(offsets), width)
         rows.append(mean(g, logit))
     return rows
 
 
-def _context_term(g: _Graph, rows: list[str], weight_row: str, i: int, inside, k: int, width: int) -> str:
-    """sum_k w_ik * p[i + di_k][j + dj_k] for row i, (N, 1, 1, W), by one Gather."""
+def _weighted_sum(g: _Graph, rows: list[str], ones: str, weight_row: str, i: int, inside, k: int, width: int) -> str:
+    """base_i + sum_k w_ik * p[i + di_k][j + dj_k] for row i, (N, 1, 1, W): the neighbours
+    and a 1 for the base by one Gather, then Mul and ReduceSum."""
     sources = sorted({i + di for _, di, _ in inside})
-    source = rows[sources[0]] if len(sources) == 1 else g.one("Concat", [rows[r] for r in sources], axis=3)
+    source = g.one("Concat", [*(rows[r] for r in sources), ones], axis=3)  # (N, 1, 1, S * W + 1)
+    one = len(sources) * width
     index = np.array(
-        [[sources.index(i + di) * width + min(max(j + dj, 0), width - 1) for j in range(width)] for _, di, dj in inside],
+        [[one] * width]
+        + [[sources.index(i + di) * width + min(max(j + dj, 0), width - 1) for j in range(width)] for _, di, dj in inside],
         np.int64,
     )
-    context = g.one("Gather", [source, g.const("index", index)], axis=3)  # (N, 1, 1, K', W)
+    neighbours = g.one("Gather", [source, g.const("index", index)], axis=3)  # (N, 1, 1, 1 + K', W)
     if len(inside) < k:  # some context pixels are above the image: only the others' weights
-        weight_row = g.one("Gather", [weight_row, g.const("k", np.array([o for o, _, _ in inside], np.int64))], axis=3)
-    product = g.one("Mul", [weight_row, context])
+        channels = np.array([0] + [o + 1 for o, _, _ in inside], np.int64)
+        weight_row = g.one("Gather", [weight_row, g.const("k", channels)], axis=3)
+    product = g.one("Mul", [weight_row, neighbours])
     return g.one("ReduceSum", [product, g.const("axis", np.array([3], np.int64))], keepdims=0)
 
 

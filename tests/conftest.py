@@ -73,7 +73,7 @@ def trained_run(tmp_path_factory, small_dataset, ray_local):
         overrides=[
             "model.preset=seed",
             "model.latent_dim=4",
-            "model.context=above",
+            "model.context=rows",
             "train.epochs=3",
             "train.batch_size=64",
             "train.num_workers=2",

@@ -89,8 +89,9 @@ def test_model_section_resolves_preset_with_overrides():
     assert architecture["dense_units"] == 16
     assert architecture["context"] == "none"
     assert load_config(overrides=["model.preset=seed", "model.context=above"]).model.architecture()["context"] == "above"
-    narrow = load_config(overrides=["model.decoder_filters=[32, 32]"]).model.architecture()
-    assert tuple(narrow["decoder_filters"]) == (32, 32) and tuple(narrow["filters"]) == (32, 64)
+    assert tuple(load_config().model.architecture()["decoder_filters"]) == (32, 32)  # the default preset's
+    wider = load_config(overrides=["model.decoder_filters=[64, 48]"]).model.architecture()
+    assert tuple(wider["decoder_filters"]) == (64, 48) and tuple(wider["filters"]) == (32, 64)
 
 
 MODEL_KEY_ERRORS = [

@@ -41,7 +41,7 @@ def test_free_bits_follow_the_learning_rates_cosine_to_their_final_value():
     values = [float(schedule(step)) for step in (0, 5, 10, 15, 20, 30)]
     np.testing.assert_allclose(values, [0.6, 0.35 + 0.25 * np.cos(np.pi / 4), 0.35, 0.35 - 0.25 * np.cos(np.pi / 4), 0.1, 0.1],
                                atol=1e-6)
-    for constant in ("train.free_bits_final=none", "train.free_bits=0", "train.free_bits=0.3"):  # final 0.5 >= 0.3
+    for constant in ("train.free_bits_final=none", "train.free_bits=0", "train.free_bits=0.3"):  # final 0.8 >= 0.3
         config = load_config(overrides=[constant])
         assert float(free_bits_schedule(config, steps_per_epoch)(7)) == config.train.free_bits
 
@@ -187,7 +187,7 @@ def copy_of_trained_run(trained_run, target):
 
 
 # The config of conftest's trained_run; resuming it needs the same architecture.
-TRAINED_RUN = ["model.preset=seed", "model.latent_dim=4", "model.context=above", "train.batch_size=64"]
+TRAINED_RUN = ["model.preset=seed", "model.latent_dim=4", "model.context=rows", "train.batch_size=64"]
 
 
 def test_resume_from_a_non_finite_checkpoint_is_refused_before_ray(tmp_path, small_dataset, trained_run):
