@@ -26,6 +26,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+# Field metadata: the field's values include the word "none", which `--set` keeps as a word.
+NONE_IS_A_VALUE = "none_is_a_value"
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -63,7 +65,9 @@ class ModelConfig:
     decoder_filters: tuple[int, ...] | None = None
     dense_units: int | None = None
     activation: str | None = None
-    context: str | None = None  # pixel context from the rows above: none, above, rows
+    # pixel context from the rows above: none, above, rows (`--set model.context=none` is
+    # the word, not "the preset's": see NONE_IS_A_VALUE)
+    context: str | None = field(default=None, metadata={NONE_IS_A_VALUE: True})
     likelihood: str | None = None  # bernoulli or continuous_bernoulli (a density on [0, 1])
     beta: float = 1.0  # weight of the KL term; 1.0 gives the true ELBO
 
@@ -228,6 +232,11 @@ def _moved_keys(data: Any) -> Any:
     return {**data, "train": {k: v for k, v in train.items() if k != "address"}, "ray": moved}
 
 
+class _NoneWord(str):
+    """A `--set` value of `none` or `None`: unset (None), except in a field whose own values
+    include the word "none" (its metadata sets NONE_IS_A_VALUE), where it is that word."""
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check `value` against a field annotation, converting lists to tuples."""
     origin = typing.get_origin(annotation)
@@ -264,8 +273,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if unknown:
         raise PipelineError(f"config: unknown key {prefix}{unknown[0]}")
     kwargs = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, value in data.items():
         annotation = hints[name]
+        if isinstance(value, _NoneWord):
+            value = "none" if fields[name].metadata.get(NONE_IS_A_VALUE) else None
         if dataclasses.is_dataclass(annotation):
             kwargs[name] = _build(annotation, value, prefix=f"{prefix}{name}.")
         else:
@@ -276,8 +288,10 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 def _parse_value(text: str) -> Any:
     """A `--set` value: JSON/TOML-ish literals (3, 1e-3, true, null, [32, 64]) else a string."""
     lowered = text.strip()
-    if lowered in ("none", "None", "null"):
+    if lowered == "null":
         return None
+    if lowered in ("none", "None"):
+        return _NoneWord("none")
     if lowered in ("true", "True"):
         return True
     if lowered in ("false", "False"):

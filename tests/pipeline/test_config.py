@@ -94,6 +94,18 @@ def test_model_section_resolves_preset_with_overrides():
     assert tuple(wider["decoder_filters"]) == (64, 48) and tuple(wider["filters"]) == (32, 64)
 
 
+@pytest.mark.parametrize("word", ["none", "None"])
+def test_set_context_none_is_the_word_not_the_presets_value(word):
+    """`none` is one of model.context's values: `--set model.context=none` must switch the
+    default preset's `rows` context off (it used to mean "unset" and kept `rows`), while
+    `none` in a numeric field still means unset and `null` unsets any field."""
+    assert load_config().model.architecture()["context"] == "rows"
+    assert load_config(overrides=[f"model.context={word}"]).model.architecture()["context"] == "none"
+    assert load_config(overrides=["model.context=null"]).model.architecture()["context"] == "rows"
+    assert load_config(overrides=[f"train.free_bits_final={word}"]).train.free_bits_final is None
+    assert load_config(overrides=[f"ray.address={word}"]).ray.address is None
+
+
 MODEL_KEY_ERRORS = [
     ("model.preset=huge", "model.preset must be one of ['default', 'seed'], got 'huge'"),
     ("model.latent_dim=0", "model.latent_dim must be >= 1, got 0"),
