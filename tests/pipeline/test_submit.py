@@ -14,7 +14,8 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def test_flattened_config_reads_back_identically():
-    config = load_config(overrides=["model.filters=[8, 16]", "data.limit=5", "ray.address=ray://h:1"])
+    config = load_config(overrides=["model.filters=[8, 16]", "model.context=none", "data.limit=5", "ray.address=ray://h:1"])
+    assert config.model.context == "none"  # the word: the job on the cluster must not get the preset's `rows`
     assert load_config(overrides=flatten_overrides(config)) == config
 
 
