@@ -268,12 +268,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise PipelineError(f"config: {prefix.rstrip('.') or 'top level'} must be a table")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise PipelineError(f"config: unknown key {prefix}{unknown[0]}")
     kwargs = {}
-    fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, value in data.items():
         annotation = hints[name]
         if isinstance(value, _NoneWord):
