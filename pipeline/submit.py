@@ -1,7 +1,9 @@
 """Submitting `vae-pipeline run` to a Ray cluster as a Ray Job, and following it up.
 
-The job's runtime_env carries this project's source (`working_dir`); the cluster's
-nodes need the pipeline's dependencies installed (the images under docker/ have them).
+The job's `working_dir` holds the three packages the run imports (pipeline, vae and deploy,
+copied from wherever they are imported here: a checkout or an installed copy), so the job
+runs this code whatever the cluster has installed; the cluster's nodes need the
+dependencies (the images under docker/ have them).
 The resolved config travels as explicit `--set` arguments, so the job runs exactly the
 configuration resolved here. The run's name is chosen here, so the user learns where it
 will land before the job starts; with an object-store runs root (see
@@ -10,9 +12,12 @@ pipeline.remote_run) that is a URI every node and `vae-pipeline fetch` reach.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import secrets
 import shlex
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +29,12 @@ from pipeline.ray_cluster import check_dashboard, check_reachable
 from pipeline.schema import CLUSTER_RUNS_ROOT
 from pipeline.storage import is_uri, join
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-EXCLUDES = [".venv", ".git", "runs", "data", "artifacts", "**/__pycache__", "*.egg-info", ".pytest_cache"]
+# What the job's driver imports. Not the directory above them: in an installed copy (the
+# pipeline image) that is site-packages, gigabytes; in a checkout, whatever else is kept there.
+PACKAGES = ("pipeline", "vae", "deploy")
+# Left out of them: npm's packages and onnxruntime-web's files (the browser page's, not the run's).
+LEFT_OUT = ("__pycache__", "node_modules", "ort", "ort.tmp-*")
 AGENT_WAIT_S = 60
 
 
@@ -81,26 +89,35 @@ def job_run_location(runs_root: str) -> str:
     return join(runs_root, f"run-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
 
 
+def stage_packages(into: Path) -> Path:
+    """Copy the packages the job imports into `into`, the job's working_dir: its current
+    directory there, so `python -m pipeline.cli` imports this copy before any installed one."""
+    for name in PACKAGES:
+        source = importlib.util.find_spec(name).submodule_search_locations[0]
+        shutil.copytree(source, into / name, ignore=shutil.ignore_patterns(*LEFT_OUT))
+    return into
+
+
 def submit(address: str, config: Config, runs_root: str = CLUSTER_RUNS_ROOT, run_dir: str | None = None) -> SubmittedJob:
     """Submit the run; returns the job id and where the run will land."""
     jobs = client(address)
     run_dir = run_dir or job_run_location(runs_root)
     where = "" if is_uri(run_dir) else " on the node that runs the job's driver (an s3:// or gs:// --runs-root reaches every node and `fetch`)"
-    runtime_env: dict[str, Any] = {
-        "working_dir": str(PROJECT_ROOT),
-        "excludes": EXCLUDES,
-        "env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"},
-    }
     command = entrypoint(config, runs_root, run_dir)
     deadline = time.monotonic() + AGENT_WAIT_S
-    while True:
-        try:
-            return SubmittedJob(jobs.submit_job(entrypoint=command, runtime_env=runtime_env), run_dir, where)
-        except RuntimeError as exc:
-            # A freshly started head answers before its job agent is up: wait for it.
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise PipelineError(f"job submission to {address} failed: {str(exc).splitlines()[0]}") from exc
-            time.sleep(2)
+    with tempfile.TemporaryDirectory(prefix="vae-submit-") as staging:
+        runtime_env: dict[str, Any] = {
+            "working_dir": str(stage_packages(Path(staging))),  # uploaded by submit_job
+            "env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"},
+        }
+        while True:
+            try:
+                return SubmittedJob(jobs.submit_job(entrypoint=command, runtime_env=runtime_env), run_dir, where)
+            except RuntimeError as exc:
+                # A freshly started head answers before its job agent is up: wait for it.
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise PipelineError(f"job submission to {address} failed: {str(exc).splitlines()[0]}") from exc
+                time.sleep(2)
 
 
 def follow(address: str, job_id: str, echo=print, poll_s: float = 1.0) -> str:

@@ -1,4 +1,6 @@
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -7,10 +9,11 @@ from pathlib import Path
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.storage import Store
-from pipeline.submit import flatten_overrides
+from pipeline.submit import PACKAGES, flatten_overrides
 from tests.helpers import REAL_DATA_DIR, has_real_data, single_error_line, write_idx_dir
 
 VENV_BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_flattened_config_reads_back_identically():
@@ -79,6 +82,38 @@ def test_no_wait_then_status_and_logs(tmp_path, ray_nodes, capsys):
     assert capsys.readouterr().out.strip() == "FAILED"
     assert main(["logs", job_id, "--address", ray_nodes.dashboard]) == 0
     assert "source directory not found" in capsys.readouterr().out
+
+
+def test_an_installed_copy_submits_its_packages_not_the_directory_they_sit_in(tmp_path, ray_nodes):
+    """In the pipeline image the packages are in site-packages, beside gigabytes of others.
+    The job used to carry the directory above `pipeline/` (there: all of site-packages), so
+    Ray refused the upload; it now carries the three packages, and the job runs that copy."""
+    site = tmp_path / "site-packages"
+    for name in PACKAGES:
+        shutil.copytree(ROOT / name, site / name, ignore=shutil.ignore_patterns("__pycache__", "node_modules", "ort"))
+    init = site / "pipeline" / "__init__.py"
+    init.write_text(init.read_text() + '\nimport sys as _sys\n_sys.stderr.write(f"pipeline copy: {__file__}\\n")\n')
+    (site / "bulky").mkdir()  # a neighbour over Ray's 100 MiB package limit, incompressible
+    (site / "bulky" / "weights.bin").write_bytes(os.urandom(110 * 2**20))
+    env = {**os.environ, "PYTHONPATH": str(site)}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--address", ray_nodes.dashboard],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    submitted = cli("submit", "--no-wait", "--run-dir", str(tmp_path / "r"), "--set", "data.source=idx:/nonexistent")
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    assert f"pipeline copy: {init}" in submitted.stderr  # the client itself ran the copy
+    job_id = submitted.stdout.strip()
+    deadline = time.monotonic() + 120
+    while (status := cli("status", job_id)).stdout.strip() not in ("FAILED", "SUCCEEDED", "STOPPED"):
+        assert status.returncode == 0 and time.monotonic() < deadline, status.stderr[-2000:]
+        time.sleep(1)
+    assert status.stdout.strip() == "FAILED"  # the source does not exist: the run's own one-line error
+    logs = cli("logs", job_id).stdout
+    # The job's driver imported the uploaded copy (Ray unpacks a working_dir in its session dir).
+    assert re.search(r"pipeline copy: \S*working_dir_files\S*/pipeline/__init__\.py", logs), logs[-2000:]
+    assert "/nonexistent" in logs and "error" in logs
 
 
 def test_unreachable_address_fails_fast(capsys):
