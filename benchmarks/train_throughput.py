@@ -32,6 +32,7 @@ def stage_images_per_s(data, workers, cpus, epochs, batch, root):
     config = load_config(overrides=[
         "model.preset=seed", f"train.epochs={epochs}", f"train.batch_size={batch}",
         f"train.num_workers={workers}", f"train.cpus_per_worker={cpus}", "train.lr_schedule=constant",
+        "train.contrastive_weight=0",  # its second encoder pass has no counterpart in `fit`
     ])
     out = Path(root) / f"train-{workers}x{cpus}"
     train(config, data, out)

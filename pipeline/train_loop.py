@@ -288,12 +288,32 @@ class Steps(NamedTuple):
     free_bits: Any  # optimizer step -> the free-bits floor the step trains with
 
 
+def contrastive_view(x, seed):
+    """Another view of each image of `x` (N, H, W, 1) for the contrastive term, its random
+    transform (see vae.augment: shift, mirror, zoom, gain) drawn statelessly from `seed`."""
+    import tensorflow as tf
+
+    from vae import augment
+    from vae.augment import GAIN, MAX_SHIFT, ZOOM
+
+    n = tf.shape(x)[0]
+    seeds = tf.random.experimental.stateless_split(seed + [7, 11], 5)
+
+    def shift(s):
+        return tf.cast(tf.random.stateless_uniform((n,), s, -MAX_SHIFT, MAX_SHIFT + 1, tf.int32), tf.float32)
+
+    mirror = tf.cast(tf.random.stateless_uniform((n,), seeds[2]) < 0.5, tf.float32)
+    zoom = tf.random.stateless_uniform((n,), seeds[3], *ZOOM)
+    gain = tf.random.stateless_uniform((n,), seeds[4], *GAIN)
+    return augment(x, -shift(seeds[0]), -shift(seeds[1]), mirror, zoom, gain)
+
+
 def compile_steps(worker: Worker, strategy, model, optimizer) -> Steps:
     """The training step (`strategy.run` inside a `tf.function`; Keras 3's `model.fit`
     fails under MultiWorkerMirroredStrategy) and the two cross-worker reductions."""
     import tensorflow as tf
 
-    from vae import free_bits_kl, neg_elbo
+    from vae import free_bits_kl, info_nce, neg_elbo
 
     config, batch, global_batch = worker.config, worker.batch, worker.global_batch
     latent_dim, beta = model.config.latent_dim, model.config.beta
@@ -301,6 +321,7 @@ def compile_steps(worker: Worker, strategy, model, optimizer) -> Steps:
     uses_free_bits = config.train.free_bits > 0
     likelihood = model.config.likelihood
     scaled_loss = config.train.precision == "mixed_float16"
+    contrastive = config.train.contrastive_weight > 0
 
     def replica_step(images, noise_seed):
         # Pixels scaled to [0, 1] on the fly; (batch, 28, 28) -> (batch, 28, 28, 1).
@@ -314,6 +335,10 @@ def compile_steps(worker: Worker, strategy, model, optimizer) -> Steps:
                 objective = (tf.reduce_sum(reconstruction) + beta * kl_term) / global_batch
             else:
                 objective = tf.reduce_sum(loss) / global_batch
+            if contrastive:  # training-only too: the view's latent means should be the image's
+                view_mean, _ = model.encoder(contrastive_view(x, noise_seed), training=True)
+                nce = info_nce(tf.cast(z_mean, tf.float32), tf.cast(view_mean, tf.float32), config.train.contrastive_temperature)
+                objective += config.train.contrastive_weight * tf.reduce_sum(nce) / global_batch
             if scaled_loss:
                 objective = optimizer.scale_loss(objective)
         gradients = tape.gradient(objective, model.trainable_variables)

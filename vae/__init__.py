@@ -20,6 +20,7 @@ from typing import Any
 _EXPORTS = {
     "VAEConfig": "vae.config",
     "preset": "vae.config",
+    "augment": "vae.augment",
     "VAE": "vae.model",
     "ContextFill": "vae.model",
     "Sampling": "vae.model",
@@ -33,6 +34,7 @@ _EXPORTS = {
     "pixel_mean": "vae.objective",
     "free_bits_kl": "vae.objective",
     "gaussian_log_density": "vae.objective",
+    "info_nce": "vae.objective",
     "iwae_bound": "vae.objective",
     "kl_divergence": "vae.objective",
     "kl_per_dimension": "vae.objective",

@@ -110,6 +110,21 @@ def free_bits_kl(z_mean, z_log_var, free_bits: float):
     return ops.sum(ops.maximum(per_dimension, free_bits))
 
 
+def info_nce(a, b, temperature: float):
+    """The symmetric InfoNCE loss (SimCLR's NT-Xent over two views) between rows of `a`
+    and `b`, (N, L) each: row i of `a` and row i of `b` are two views of one image, every
+    other row of the other view a negative; cosine similarity over `temperature`. Returns
+    (N,), nats per example: log N when the rows cannot be told apart, near 0 when each
+    row's partner is by far its closest."""
+    a = a * ops.rsqrt(ops.maximum(ops.sum(ops.square(a), axis=-1, keepdims=True), 1e-12))
+    b = b * ops.rsqrt(ops.maximum(ops.sum(ops.square(b), axis=-1, keepdims=True), 1e-12))
+    similarity = ops.matmul(a, ops.transpose(b)) / temperature
+    positive = ops.diagonal(similarity)
+    rows = ops.logsumexp(similarity, axis=1) - positive
+    columns = ops.logsumexp(similarity, axis=0) - positive
+    return 0.5 * (rows + columns)
+
+
 def neg_elbo(images, logits, z_mean, z_log_var, beta: float = 1.0, likelihood: str = "bernoulli"):
     """Per-example loss -E_q[log p(x|z)] + beta * KL, one-sample estimate; returns
     (loss, reconstruction, kl), each (N,), where reconstruction = -log p(x|z).

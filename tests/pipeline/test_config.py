@@ -51,6 +51,8 @@ def test_yaml_file_is_read(tmp_path):
         ("train.free_bits_final=-1", "train.free_bits_final must be >= 0 and <= 100"),
         ("train.free_bits_fall_epochs=0", "train.free_bits_fall_epochs must be >= 1"),
         ("export.tolerance=1", "export.tolerance must be > 0 and < 1"),
+        ("train.contrastive_weight=-1", "train.contrastive_weight must be >= 0 and <= 1000 (0: off)"),
+        ("train.contrastive_temperature=0", "train.contrastive_temperature must be > 0 and <= 10"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

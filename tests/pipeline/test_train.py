@@ -28,6 +28,10 @@ def test_two_workers_lower_the_loss_and_keep_replicas_identical(trained_run):
     assert all(row["replicas_agree"] for row in rows)
     assert all(row["workers"] == 2 for row in rows)
     assert all(np.isfinite(row["images_per_s"]) and row["images_per_s"] > 0 for row in rows)
+    # The training-only terms (free bits, the contrastive term, on by default) stay out of the
+    # reported loss: it is the negative ELBO.
+    assert load_config().train.contrastive_weight > 0
+    assert all(row["loss"] == pytest.approx(row["reconstruction"] + row["kl"], rel=1e-5) for row in rows)
     floors = [row["free_bits"] for row in rows]  # the default schedule, at the end of each epoch
     assert load_config().train.free_bits > floors[0] > floors[1] > floors[2] == pytest.approx(load_config().train.free_bits_final)
 

@@ -182,3 +182,30 @@ def test_neg_elbo_takes_the_likelihood_by_name():
     np.testing.assert_allclose(bern - cb, log_norm, rtol=1e-5)
     with pytest.raises(ValueError, match="likelihood must be one of"):
         neg_elbo(images, logits, mean, log_var, likelihood="gaussian")
+
+
+def test_info_nce_is_log_n_for_views_it_cannot_tell_apart_and_near_zero_for_clear_pairs():
+    from vae import info_nce
+
+    n = 8
+    same = np.ones((n, 4), np.float32)
+    np.testing.assert_allclose(np.asarray(info_nce(same, same, 0.2)), np.log(n), rtol=1e-6)
+    clear = np.eye(n, dtype=np.float32) * 3.0  # each row's partner is itself, every other row orthogonal
+    assert np.all(np.asarray(info_nce(clear, clear, 0.05)) < 1e-6)
+    swapped = clear[::-1]  # every partner is the wrong one: far worse than chance
+    assert np.all(np.asarray(info_nce(clear, swapped, 0.2)) > np.log(n))
+
+
+def test_info_nce_uses_only_directions_and_is_symmetric_in_its_views():
+    from vae import info_nce
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(16, 6)).astype(np.float32), rng.normal(size=(16, 6)).astype(np.float32)
+    loss = np.asarray(info_nce(a, b, 0.3))
+    np.testing.assert_allclose(np.asarray(info_nce(5.0 * a, 0.1 * b, 0.3)), loss, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(info_nce(b, a, 0.3)), loss, rtol=1e-5)
+    # the closed form, row by row
+    na, nb = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
+    s = na @ nb.T / 0.3
+    lse = lambda m, axis: np.log(np.exp(m).sum(axis=axis))  # noqa: E731
+    np.testing.assert_allclose(loss, 0.5 * (lse(s, 1) + lse(s, 0)) - np.diag(s), rtol=1e-5)
