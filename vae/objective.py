@@ -116,9 +116,10 @@ def info_nce(a, b, temperature: float):
     other row of the other view a negative; cosine similarity over `temperature`. Returns
     (N,), nats per example: log N when the rows cannot be told apart, near 0 when each
     row's partner is by far its closest."""
-    a = a * ops.rsqrt(ops.maximum(ops.sum(ops.square(a), axis=-1, keepdims=True), 1e-12))
-    b = b * ops.rsqrt(ops.maximum(ops.sum(ops.square(b), axis=-1, keepdims=True), 1e-12))
-    similarity = ops.matmul(a, ops.transpose(b)) / temperature
+    def unit(rows):
+        return rows * ops.rsqrt(ops.maximum(ops.sum(ops.square(rows), axis=-1, keepdims=True), 1e-12))
+
+    similarity = ops.matmul(unit(a), ops.transpose(unit(b))) / temperature
     positive = ops.diagonal(similarity)
     rows = ops.logsumexp(similarity, axis=1) - positive
     columns = ops.logsumexp(similarity, axis=0) - positive

@@ -1,6 +1,5 @@
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -9,11 +8,10 @@ from pathlib import Path
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.storage import Store
-from pipeline.submit import PACKAGES, flatten_overrides
+from pipeline.submit import flatten_overrides, stage_packages
 from tests.helpers import REAL_DATA_DIR, has_real_data, single_error_line, write_idx_dir
 
 VENV_BIN = Path(sys.executable).parent
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_flattened_config_reads_back_identically():
@@ -88,9 +86,7 @@ def test_an_installed_copy_submits_its_packages_not_the_directory_they_sit_in(tm
     """In the pipeline image the packages are in site-packages, beside gigabytes of others.
     The job used to carry the directory above `pipeline/` (there: all of site-packages), so
     Ray refused the upload; it now carries the three packages, and the job runs that copy."""
-    site = tmp_path / "site-packages"
-    for name in PACKAGES:
-        shutil.copytree(ROOT / name, site / name, ignore=shutil.ignore_patterns("__pycache__", "node_modules", "ort"))
+    site = stage_packages(tmp_path / "site-packages")  # the three packages, as an install has them
     init = site / "pipeline" / "__init__.py"
     init.write_text(init.read_text() + '\nimport sys as _sys\n_sys.stderr.write(f"pipeline copy: {__file__}\\n")\n')
     (site / "bulky").mkdir()  # a neighbour over Ray's 100 MiB package limit, incompressible
