@@ -54,14 +54,20 @@ def main() -> None:
                 sys.exit(f"{artifact}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
             runs[artifact].append(json.loads(done.stdout.splitlines()[-1]))
             last = runs[artifact][-1]
-            print(f"round {round_}: {artifact}: batch 1 {last['batch1_ms']:.3f} ms, "
-                  f"batch 256 {last['batch256_images_s']:,.0f} images/s", flush=True)
+            print(
+                f"round {round_}: {artifact}: batch 1 {last['batch1_ms']:.3f} ms, "
+                f"batch 256 {last['batch256_images_s']:,.0f} images/s",
+                flush=True,
+            )
     median = {a: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for a, rs in runs.items()}
     base = median[args.artifacts[0]]
     print(f"median of {args.rounds} rounds (ratio to {args.artifacts[0]}):")
     for artifact, m in median.items():
-        print(f"  {artifact}: batch 1 {m['batch1_ms']:.3f} ms ({base['batch1_ms'] / m['batch1_ms']:.2f}x the speed), "
-              f"batch 256 {m['batch256_images_s']:,.0f} images/s ({m['batch256_images_s'] / base['batch256_images_s']:.2f}x)")
+        print(
+            f"  {artifact}: batch 1 {m['batch1_ms']:.3f} ms ({base['batch1_ms'] / m['batch1_ms']:.2f}x the speed), "
+            f"batch 256 {m['batch256_images_s']:,.0f} images/s "
+            f"({m['batch256_images_s'] / base['batch256_images_s']:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

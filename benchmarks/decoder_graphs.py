@@ -2,7 +2,7 @@
 
 CPU (one intra-op thread):
     .venv/bin/python benchmarks/decoder_graphs.py OLD/decoder.onnx NEW/decoder.onnx --rewrite-first
-`--rewrite-first` adds the first graph after `pipeline.onnx_cuda.make_cuda_friendly` only,
+`--rewrite-first` adds the first graph after `pipeline.onnx.cuda.make_cuda_friendly` only,
 which separates what the CUDA rewrite costs from what the row fill saves.
 
 CUDA (onnxruntime-gpu, TF32 off; nodes CUDA refuses run on the CPU, as `providers="auto"`):
@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     models = {path: onnx.load(path) for path in args.graphs}
     if args.rewrite_first:
-        from pipeline.onnx_cuda import make_cuda_friendly
+        from pipeline.onnx.cuda import make_cuda_friendly
 
         models[f"{args.graphs[0]} + CUDA rewrite"] = make_cuda_friendly(onnx.load(args.graphs[0]))
     if args.providers == "cuda" and CUDA not in ort.get_available_providers():
@@ -99,8 +99,10 @@ def main() -> None:
                 times[name].append(time.perf_counter() - started)
         for name, t in times.items():
             nodes = len(models[graph_of[name]].graph.node)
-            print(f"batch {batch:3d}  p50 {np.median(t) * 1e3:8.3f} ms  p90 {np.percentile(t, 90) * 1e3:8.3f} ms"
-                  f"  {nodes:4d} nodes  {name}")
+            print(
+                f"batch {batch:3d}  p50 {np.median(t) * 1e3:8.3f} ms  p90 {np.percentile(t, 90) * 1e3:8.3f} ms"
+                f"  {nodes:4d} nodes  {name}"
+            )
 
 
 if __name__ == "__main__":

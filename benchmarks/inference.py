@@ -41,7 +41,7 @@ def cpu_comparison(args) -> None:
     import tensorflow as tf
 
     from deploy import Generator
-    from pipeline.model_store import load_model
+    from pipeline.training.model_store import load_model
 
     generators = {"onnxruntime": Generator(args.artifact, providers="cpu")}
     if args.compare:
@@ -100,7 +100,7 @@ def cuda_comparison(args) -> None:
     lowest = min(rates[b][0] for b in (256, 4096, 65536)) / rates[256][0]
     print(f"lowest GPU rate from 256 to 65,536 / rate at 256: {lowest:.2f} (target >= 1.0)")
     from deploy.generator import provider_options
-    from pipeline.onnx_fill import provider_agreement
+    from pipeline.onnx.row_fill import provider_agreement
 
     cuda = ["CUDAExecutionProvider"]
     agreement = provider_agreement(

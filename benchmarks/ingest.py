@@ -14,9 +14,9 @@ import zlib
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.ingest import ingest
+from pipeline.data.sources import DEBIAN_DIR
 from pipeline.schema import IDX_FILES
-from pipeline.sources import DEBIAN_DIR
+from pipeline.stages.ingest import ingest
 
 
 def gunzip_only(source: Path) -> int:

@@ -50,14 +50,30 @@ class Client:
         return response.status, response.read()
 
 
-def start_server(model: Path, max_batch_size: int, replicas: int = 1, batch_wait_ms: float = 2.0) -> tuple[subprocess.Popen, int]:
+def start_server(
+    model: Path, max_batch_size: int, replicas: int = 1, batch_wait_ms: float = 2.0
+) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     process = subprocess.Popen(
-        [str(VENV_BIN / "vae-generate"), "serve", "--model", str(model), "--port", str(port),
-         "--max-batch-size", str(max_batch_size), "--replicas", str(replicas),
-         "--batch-wait-ms", str(batch_wait_ms)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+        [
+            str(VENV_BIN / "vae-generate"),
+            "serve",
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+            "--max-batch-size",
+            str(max_batch_size),
+            "--replicas",
+            str(replicas),
+            "--batch-wait-ms",
+            str(batch_wait_ms),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 180
     while True:
@@ -120,7 +136,9 @@ def main() -> int:
     parser.add_argument("--model", type=Path, required=True, help="artifact directory")
     parser.add_argument("--requests", type=int, default=640, help="requests per concurrency level")
     parser.add_argument("--concurrency", default="1,8,32,64")
-    parser.add_argument("--replicas", type=int, default=1, help="(the restart check reads one replica's pid: use 1 for it)")
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="(the restart check reads one replica's pid: use 1 for it)"
+    )
     parser.add_argument("--batch-wait-ms", type=float, default=2.0)
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -136,12 +154,15 @@ def main() -> int:
                 before = json.loads(probe.request("GET", "/v1/stats")[1])
                 row = {"mode": mode, **load(port, latent_dim, concurrency, args.requests)}
                 after = json.loads(probe.request("GET", "/v1/stats")[1])
-                calls = sum(after["decode_calls_by_requests"].values()) - sum(before["decode_calls_by_requests"].values())
+                calls = sum(after["decode_calls_by_requests"].values()) - sum(
+                    before["decode_calls_by_requests"].values()
+                )
                 row["decode_calls"] = calls
                 row["replica_restarted"] = after["replica_pid"] != pid
                 rows.append(row)
                 print(
-                    f"{mode:9s} {concurrency:3d} clients: {row['requests_per_s']:7.1f} req/s  p50 {row['p50_ms']:6.1f} ms  "
+                    f"{mode:9s} {concurrency:3d} clients: {row['requests_per_s']:7.1f} req/s  "
+                    f"p50 {row['p50_ms']:6.1f} ms  "
                     f"p99 {row['p99_ms']:6.1f} ms  errors {row['errors']}  decode calls {calls}  "
                     f"restarted {row['replica_restarted']}",
                     flush=True,
@@ -152,12 +173,16 @@ def main() -> int:
         if row["mode"] == "batching" and row["concurrency"] == 32:
             ok = row["p99_ms"] < TARGET_P99_MS and row["errors"] == 0 and not row["replica_restarted"]
             met = met and ok
-            print(f"target (batching, 32 clients): p99 {row['p99_ms']:.1f} ms < {TARGET_P99_MS:.0f} ms, "
-                  f"{row['errors']} errors, restarted {row['replica_restarted']}: {'met' if ok else 'NOT met'}")
+            print(
+                f"target (batching, 32 clients): p99 {row['p99_ms']:.1f} ms < {TARGET_P99_MS:.0f} ms, "
+                f"{row['errors']} errors, restarted {row['replica_restarted']}: {'met' if ok else 'NOT met'}"
+            )
     for concurrency in levels:
         pair = {row["mode"]: row for row in rows if row["concurrency"] == concurrency}
-        print(f"{concurrency:3d} clients: batching / none throughput "
-              f"{pair['batching']['requests_per_s'] / pair['none']['requests_per_s']:.2f}x")
+        print(
+            f"{concurrency:3d} clients: batching / none throughput "
+            f"{pair['batching']['requests_per_s'] / pair['none']['requests_per_s']:.2f}x"
+        )
     print(json.dumps(rows))
     return 0 if met else 1
 

@@ -1,5 +1,5 @@
 """The decoder as tf2onnx writes it, row fill included (the ~275-node graph exported before
-`pipeline.onnx_fill`), with the CUDA rewrite, as a baseline for benchmarks/decoder_graphs.py.
+`pipeline.onnx.row_fill`), with the CUDA rewrite, as a baseline for benchmarks/decoder_graphs.py.
 
     .venv/bin/python benchmarks/tf2onnx_decoder.py RUN/train OLD.onnx
     python benchmarks/decoder_graphs.py OLD.onnx RUN/artifact/decoder.onnx [--providers cuda]
@@ -22,9 +22,9 @@ def main() -> None:
     import onnx
     import tensorflow as tf
 
-    from pipeline.export import convert
-    from pipeline.model_store import load_model
-    from pipeline.onnx_cuda import cuda_refusals, make_cuda_friendly
+    from pipeline.onnx.convert import convert
+    from pipeline.onnx.cuda import cuda_refusals, make_cuda_friendly
+    from pipeline.training.model_store import load_model
 
     model = load_model(args.train_dir)[0]
     generator = model.generator()

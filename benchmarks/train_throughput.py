@@ -27,13 +27,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 def stage_images_per_s(data, workers, cpus, epochs, batch, root):
     from pipeline.config import load_config
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
-    config = load_config(overrides=[
-        "model.preset=seed", f"train.epochs={epochs}", f"train.batch_size={batch}",
-        f"train.num_workers={workers}", f"train.cpus_per_worker={cpus}", "train.lr_schedule=constant",
-        "train.contrastive_weight=0",  # its second encoder pass has no counterpart in `fit`
-    ])
+    config = load_config(
+        overrides=[
+            "model.preset=seed",
+            f"train.epochs={epochs}",
+            f"train.batch_size={batch}",
+            f"train.num_workers={workers}",
+            f"train.cpus_per_worker={cpus}",
+            "train.lr_schedule=constant",
+            "train.contrastive_weight=0",  # its second encoder pass has no counterpart in `fit`
+        ]
+    )
     out = Path(root) / f"train-{workers}x{cpus}"
     train(config, data, out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -46,7 +52,7 @@ def keras_fit_images_per_s(data, threads, epochs, batch, steps_per_execution=1, 
     import keras
     import tensorflow as tf
 
-    from pipeline.dataset import read_split
+    from pipeline.data.dataset import read_split
     from vae import build_vae, preset
 
     if threads:
@@ -111,7 +117,9 @@ def stage_beside_busy_core(data, epochs, batch, root) -> float:
     keeps another core busy, as the second worker does in 2 x 1."""
     busy = subprocess.Popen(
         keras_fit_command(data, 1, 10**6, batch, announce=True),
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         busy.stdout.readline()  # its first epoch is done: it is tracing no more
@@ -131,9 +139,9 @@ def main() -> None:
     import ray
     import ray.data  # noqa: F401  (it sets up its loggers on import; quieted below)
 
+    from pipeline.cluster.connection import quiet_ray_loggers
     from pipeline.config import TrainConfig, load_config
-    from pipeline.ingest import ingest
-    from pipeline.ray_cluster import quiet_ray_loggers
+    from pipeline.stages.ingest import ingest
 
     cores = os.cpu_count() or 1
     spe = TrainConfig().steps_per_execution

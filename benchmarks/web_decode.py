@@ -76,7 +76,11 @@ def main() -> None:
     print(f"single-image decode, median ms per call ({args.rounds} rounds x {args.calls} calls)")
     for name, medians in results.items():
         middle = statistics.median(medians)
-        verdict = "" if name.startswith("Python") else f"  {'under' if middle < FRAME_MS else 'OVER'} one frame ({FRAME_MS} ms)"
+        verdict = (
+            ""
+            if name.startswith("Python")
+            else f"  {'under' if middle < FRAME_MS else 'OVER'} one frame ({FRAME_MS} ms)"
+        )
         print(f"  {name:32s} {' '.join(f'{m:6.2f}' for m in medians)}   {middle / baseline:5.1f}x Python{verdict}")
 
 

@@ -4,7 +4,10 @@
     generator = Generator("artifacts/")
     images = generator.sample(16, seed=0)
 
-This package never imports TensorFlow, Keras, Ray or the training code.
+`import deploy` and `deploy.Generator` need onnxruntime and numpy alone: never
+TensorFlow, Keras, Ray or the training code (`pipeline`, `vae`). The HTTP service,
+`deploy.serve` and `deploy.serve_process` (the `serve` extra), runs the same Generator
+in Ray Serve: those two modules, and only they, import Ray.
 """
 
 from typing import Any

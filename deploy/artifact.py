@@ -8,6 +8,7 @@ from pathlib import Path
 CHECKSUMS_FILE = "SHA256SUMS"
 DECODER_FILE = "decoder.onnx"
 ENCODER_FILE = "encoder.onnx"
+MODEL_CARD_JSON = "model_card.json"  # the card's facts (latent size, metrics, versions)
 IMAGE_SHAPE = (28, 28, 1)  # one image, as both ONNX files take or give it
 
 

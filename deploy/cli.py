@@ -62,17 +62,24 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
     parser.add_argument("--replicas", type=positive_int, default=1, help="Serve replicas (default 1)")
     parser.add_argument("--address", help="an existing Ray cluster to run on (default: a local Ray)")
-    parser.add_argument("--max-batch-size", type=positive_int, default=64, help="requests per decode call; 1 turns batching off")
-    parser.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits for more requests (default 2)")
+    parser.add_argument(
+        "--max-batch-size", type=positive_int, default=64, help="requests per decode call; 1 turns batching off"
+    )
+    parser.add_argument(
+        "--batch-wait-ms", type=float, default=2.0, help="how long a batch waits for more requests (default 2)"
+    )
     parser.add_argument("--max-rows", type=positive_int, default=256, help="latents, images or samples per request")
     parser.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="request body limit")
     parser.add_argument(
-        "--ingress", default="auto", choices=("auto", "haproxy", "python"),
+        "--ingress",
+        default="auto",
+        choices=("auto", "haproxy", "python"),
         help="Ray Serve's HTTP ingress (auto: HAProxy when installed, else Serve's Python proxy)",
     )
     args = parser.parse_args(argv)
     try:
-        from deploy.serve import Limits, serve_forever
+        from deploy.serve import Limits
+        from deploy.serve_process import serve_forever
     except ImportError as exc:
         print(f"vae-generate: error: serving needs the serve extra (pip install '.[serve]'): {exc}", file=sys.stderr)
         return 2
@@ -98,7 +105,8 @@ def web_main(argv: list[str]) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
     parser.add_argument(
-        "--single-thread", action="store_true",
+        "--single-thread",
+        action="store_true",
         help="no cross-origin isolation headers: WebAssembly runs on one thread",
     )
     args = parser.parse_args(argv)

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from deploy import cuda_graph as graphs
 from deploy.artifact import DECODER_FILE, ENCODER_FILE, IMAGE_SHAPE, ArtifactError, verify_checksums
 
 MIN_CHUNK_ROWS = 32  # smaller chunks cost more in thread hand-offs than they gain
 STREAM_BATCH = 1024  # images decoded per call by `sample_batches`: memory stays flat in n
 CUDA_MAX_BATCH = 4096  # rows per onnxruntime call on CUDA: device memory stays bounded
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-GRAPH_PROVIDER, CUDA_DEVICE = CUDA, "cuda"  # SingleImageGraph's provider and onnxruntime's name for its memory
 NO_CPU_FALLBACK = "session.disable_cpu_ep_fallback"
 
 
@@ -151,9 +151,12 @@ class Generator:
         if requested[0] == CUDA and self.providers[0] != CUDA:
             warnings.warn(f"onnxruntime could not start CUDA; running on {self.providers}", stacklevel=2)
         self._single = None
-        if cuda_graph and self.providers[0] == GRAPH_PROVIDER:
-            self._single = SingleImageGraph.create(
-                self.artifact_dir / DECODER_FILE, options, per_provider[requested.index(GRAPH_PROVIDER)], self._decoder
+        if cuda_graph and self.providers[0] == graphs.GRAPH_PROVIDER:
+            self._single = graphs.SingleImageGraph.create(
+                self.artifact_dir / DECODER_FILE,
+                options,
+                per_provider[requested.index(graphs.GRAPH_PROVIDER)],
+                self._decoder,
             )
         meta = self._decoder.get_modelmeta().custom_metadata_map
         self.latent_dim = int(self._decoder.get_inputs()[0].shape[1])
@@ -272,8 +275,8 @@ class Generator:
         images = np.asarray(images)
         if images.shape in (IMAGE_SHAPE, IMAGE_SHAPE[:2]):
             raise ValueError(
-                f"images must be a batch of shape (N, 28, 28, 1) or (N, 28, 28), got one image of shape "
-                f"{images.shape}: pass images[None]"
+                f"images must be a batch of shape (N, {', '.join(map(str, IMAGE_SHAPE))}) or "
+                f"(N, {', '.join(map(str, IMAGE_SHAPE[:2]))}), got one image of shape {images.shape}: pass images[None]"
             )
         if images.ndim == 3:
             images = images[..., None]
@@ -283,67 +286,6 @@ class Generator:
         outputs = self._run(self._encoder, ["z_mean", "z_log_var"], "image", images)
         z_mean, z_log_var = _finite(outputs, self.artifact_dir, ENCODER_FILE)
         return z_mean, z_log_var
-
-
-class SingleImageGraph:
-    """Decoding one latent on CUDA as one captured CUDA graph.
-
-    A batch-1 call of the plain CUDA session costs about 0.8 ms on an H100, almost all
-    of it launching the decoder's kernels one after another; onnxruntime can capture
-    them once as a CUDA graph and replay it (its `enable_cuda_graph` option), which
-    needs the input and output at fixed device addresses. So this holds a second
-    session with the option on, a device buffer for z and one for the image, and
-    copies z in and the image out on each call. onnxruntime does not support CUDA-graph
-    runs of one session from several threads, so every run happens on this object's own
-    thread, one at a time, whichever thread calls (a hand-off of about 60 us).
-    """
-
-    def __init__(self, path: Path, options, cuda_options: dict, latent_dim: int, image_shape: tuple[int, ...]):
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="vae-cuda-graph")
-        try:
-            self._thread.submit(self._start, path, options, cuda_options, latent_dim, image_shape).result()
-        except BaseException:
-            self._thread.shutdown()
-            raise
-
-    def _start(self, path: Path, options, cuda_options: dict, latent_dim: int, image_shape) -> None:
-        self._session = ort.InferenceSession(
-            str(path), options, providers=[GRAPH_PROVIDER], provider_options=[{**cuda_options, "enable_cuda_graph": "1"}]
-        )
-        device = int(cuda_options.get("device_id", 0))
-        self._z = ort.OrtValue.ortvalue_from_shape_and_type((1, latent_dim), np.float32, CUDA_DEVICE, device)
-        self._image = ort.OrtValue.ortvalue_from_shape_and_type((1, *image_shape), np.float32, CUDA_DEVICE, device)
-        self._binding = self._session.io_binding()
-        self._binding.bind_ortvalue_input(self._session.get_inputs()[0].name, self._z)
-        self._binding.bind_ortvalue_output(self._session.get_outputs()[0].name, self._image)
-        for _ in range(2):  # onnxruntime runs once plainly, then captures and replays
-            self._run(np.zeros((1, latent_dim), np.float32))
-
-    @classmethod
-    def create(cls, path: Path, options, cuda_options: dict, plain) -> SingleImageGraph | None:
-        """One for the decoder at `path` (whose plain session is `plain`), or None, with a
-        warning, where onnxruntime cannot capture it (a node not on CUDA, with
-        providers='auto')."""
-        image_shape = tuple(plain.get_outputs()[0].shape[1:])
-        if not all(isinstance(d, int) for d in image_shape):
-            return None
-        try:
-            return cls(path, options, cuda_options, plain.get_inputs()[0].shape[1], image_shape)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime's own types; the plain session still works
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            warnings.warn(f"{path}: single images decoded without a CUDA graph ({reason})", stacklevel=3)
-            return None
-
-    def _run(self, z: np.ndarray) -> np.ndarray:
-        self._z.update_inplace(np.ascontiguousarray(z))
-        self._session.run_with_iobinding(self._binding)  # returns once the GPU is done
-        return self._image.numpy().copy()  # a fresh array: a CPU buffer's .numpy() is a view
-
-    def __call__(self, z: np.ndarray) -> np.ndarray:
-        return self._thread.submit(self._run, z).result()
-
-    def close(self) -> None:
-        self._thread.shutdown()
 
 
 def _session(path: Path, options, providers: list[str], options_per_provider: list[dict]):
@@ -382,8 +324,12 @@ def _finite(outputs: list[np.ndarray], artifact_dir: Path, name: str) -> list[np
 def _check_batch(array, item_shape: tuple[int, ...], name: str) -> np.ndarray:
     """A non-empty, finite float32 batch of shape (N, *item_shape); ValueError otherwise."""
     if (
-        type(array) is np.ndarray and array.dtype == np.float32 and array.shape[1:] == item_shape
-        and array.ndim == len(item_shape) + 1 and array.shape[0] and array.flags.c_contiguous
+        type(array) is np.ndarray
+        and array.dtype == np.float32
+        and array.shape[1:] == item_shape
+        and array.ndim == len(item_shape) + 1
+        and array.shape[0]
+        and array.flags.c_contiguous
     ):  # already what onnxruntime takes (the usual call): only the values to check
         if not np.isfinite(array).all():
             raise ValueError(f"{name} contains NaN or Inf")

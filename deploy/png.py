@@ -13,7 +13,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-CELL = 30  # a 28-pixel tile plus a 1-pixel white gutter on each side
+from deploy.artifact import IMAGE_SHAPE
+
+CELL = IMAGE_SHAPE[0] + 2  # an image tile plus a 1-pixel white gutter on each side
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -65,7 +67,7 @@ def write_grid(handle: BinaryIO, batches: Iterable[np.ndarray], count: int) -> N
             emit(joined[:columns])
             written += columns
             pending, held = [joined[columns:]], held - columns
-    rest = np.concatenate(pending) if pending else np.zeros((0, 28, 28, 1), np.float32)
+    rest = np.concatenate(pending) if pending else np.zeros((0, *IMAGE_SHAPE), np.float32)
     if len(rest):
         emit(rest)
         written += len(rest)

@@ -94,7 +94,9 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def make_server(artifact_dir: str | Path, host: str = "127.0.0.1", port: int = 8080, threads: bool = True) -> PageServer:
+def make_server(
+    artifact_dir: str | Path, host: str = "127.0.0.1", port: int = 8080, threads: bool = True
+) -> PageServer:
     """A server ready to `serve_forever()`; ArtifactError for an artifact that does not
     match its SHA256SUMS, FileNotFoundError when the page's runtime is not built."""
     check_built()

@@ -33,6 +33,16 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+DATA_HELP = "ingested dataset directory"
+MODEL_HELP = "training output directory (TRAIN_DIR)"
+
+
+def _add_paths(parser: argparse.ArgumentParser, required: bool = True, **helps: str) -> None:
+    """`--NAME PATH` options, one per keyword: its help text."""
+    for name, text in helps.items():
+        parser.add_argument(f"--{name}", type=Path, required=required, help=text)
+
+
 def _flag_overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
     """Turn the common flags that were given into `--set` overrides (flags win)."""
     out = []
@@ -63,7 +73,8 @@ def build_config(args: argparse.Namespace, flags: dict[str, str]) -> Config:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     config = build_config(args, {"source": "data.source", "limit": "data.limit"})
-    from pipeline.ingest import ingest
+    from pipeline.stages.ingest import ingest
+
     result = ingest(config, args.out, force=args.force)
     rows = result.manifest["rows"]
     verb = "unchanged" if result.skipped else "written"
@@ -82,7 +93,8 @@ TRAIN_FLAGS = {
 
 def cmd_train(args: argparse.Namespace) -> int:
     config = build_config(args, TRAIN_FLAGS)
-    from pipeline.train import train
+    from pipeline.stages.train import train
+
     result = train(config, args.data, args.out, resume=args.resume, verbose=args.verbose)
     final = result.summary["final_metrics"]
     print(
@@ -94,7 +106,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     config = build_config(args, {"iwae_k": "evaluate.iwae_k", "address": "ray.address"})
-    from pipeline.evaluate import evaluate
+    from pipeline.stages.evaluate import evaluate
+
     result = evaluate(config, args.data, args.model, args.out, verbose=args.verbose)
     test = result.report["test"]
     print(
@@ -107,7 +120,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     config = build_config(args, {})
-    from pipeline.export import export
+    from pipeline.stages.export import export
+
     result = export(config, args.model, args.out, data_dir=args.data, eval_dir=args.report)
     worst = max(result.card["verification"]["max_abs_difference"].values())
     print(f"artifact written: {result.out} (onnxruntime vs Keras max difference {worst:.1e})")
@@ -115,7 +129,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_upgrade_model(args: argparse.Namespace) -> int:
-    from pipeline.model_store import upgrade_model_dir
+    from pipeline.training.model_store import upgrade_model_dir
 
     import_tensorflow(args)
     directory = upgrade_model_dir(args.model)
@@ -125,7 +139,7 @@ def cmd_upgrade_model(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = build_config(args, {})
-    from pipeline.run import run_pipeline
+    from pipeline.runs.run import run_pipeline
     from pipeline.storage import is_uri
 
     def place(location: str | None) -> str | Path | None:
@@ -138,7 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from pipeline.fetch import fetch
+    from pipeline.runs.fetch import fetch
 
     result = fetch(args.run, args.out.expanduser())
     print(f"artifact fetched: {result.out} ({len(result.files)} files verified against SHA256SUMS, from {result.run})")
@@ -159,7 +173,7 @@ def default_cluster_runs_root() -> str:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from pipeline import submit
+    from pipeline.runs import submit
 
     # The job runs on the cluster, so its own RAY_ADDRESS applies there, not ours.
     config = load_config(args.config, args.overrides)
@@ -177,7 +191,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline import submit
+    from pipeline.runs import submit
 
     state = submit.status(args.address, args.job_id)
     print(state)
@@ -185,7 +199,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from pipeline import submit
+    from pipeline.runs import submit
 
     print(submit.logs(args.address, args.job_id), end="")
     return 0
@@ -201,6 +215,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_stage_commands(sub)
+    _add_run_commands(sub)
+    return parser
+
+
+def _add_stage_commands(sub) -> None:
+    """One command per stage: ingest, train, evaluate, export."""
     p = sub.add_parser("ingest", help="Fashion-MNIST -> validated Parquet dataset + manifest", allow_abbrev=False)
     p.add_argument(
         "--source",
@@ -213,8 +234,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("train", help="data-parallel VAE training with Ray Train", allow_abbrev=False)
-    p.add_argument("--data", type=Path, required=True, help="ingested dataset directory")
-    p.add_argument("--out", type=Path, required=True, help="training output directory")
+    _add_paths(p, data=DATA_HELP, out="training output directory")
     p.add_argument("--epochs", type=int, help="number of epochs (train.epochs)")
     p.add_argument("--num-workers", type=int, help="Ray Train workers (train.num_workers)")
     p.add_argument("--cpus-per-worker", type=int, help="CPUs per worker (train.cpus_per_worker)")
@@ -228,22 +248,26 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test-set ELBO, IWAE bound, latent clustering, report", allow_abbrev=False)
-    p.add_argument("--data", type=Path, required=True, help="ingested dataset directory")
-    p.add_argument("--model", type=Path, required=True, help="training output directory (TRAIN_DIR)")
-    p.add_argument("--out", type=Path, required=True, help="evaluation output directory")
+    _add_paths(p, data=DATA_HELP, model=MODEL_HELP, out="evaluation output directory")
     p.add_argument("--iwae-k", type=int, help="importance samples for the IWAE bound (evaluate.iwae_k)")
     p.add_argument("--address", help="existing Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     _add_config_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="decoder and encoder to ONNX, verified against Keras", allow_abbrev=False)
-    p.add_argument("--model", type=Path, required=True, help="training output directory (TRAIN_DIR)")
-    p.add_argument("--out", type=Path, required=True, help="artifact directory to write")
-    p.add_argument("--data", type=Path, help="dataset directory: verify the encoder on its test images")
-    p.add_argument("--report", type=Path, help="evaluation directory: put its metrics in the model card")
+    _add_paths(p, model=MODEL_HELP, out="artifact directory to write")
+    _add_paths(
+        p,
+        required=False,
+        data="dataset directory: verify the encoder on its test images",
+        report="evaluation directory: put its metrics in the model card",
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_export)
 
+
+def _add_run_commands(sub) -> None:
+    """The commands around the stages: upgrade-model, run, submit, fetch, status, logs."""
     p = sub.add_parser(
         "upgrade-model", help="convert a TRAIN_DIR/model/ of an older version to vae.keras", allow_abbrev=False
     )
@@ -266,7 +290,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--runs-root",
         default=default_cluster_runs_root(),
-        help=f"object-store URI (s3://, gs://) or a directory on the cluster (default: $VAE_PIPELINE_RUNS if it is a URI, else {CLUSTER_RUNS_ROOT})",
+        help="object-store URI (s3://, gs://) or a directory on the cluster "
+        f"(default: $VAE_PIPELINE_RUNS if it is a URI, else {CLUSTER_RUNS_ROOT})",
     )
     p.add_argument("--run-dir", help="run location (default: a new one under --runs-root)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
@@ -275,15 +300,19 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fetch", help="copy a finished run's artifact here and verify it", allow_abbrev=False)
     p.add_argument("run", help="run directory or URI, or RUNS/latest (e.g. s3://bucket/runs/latest)")
-    p.add_argument("--out", type=Path, required=True, help="artifact directory to write (new, empty, or an earlier fetch)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="artifact directory to write (new, empty, or an earlier fetch)"
+    )
     p.set_defaults(func=cmd_fetch)
 
-    for name, func, text in (("status", cmd_status, "a submitted job's status"), ("logs", cmd_logs, "a submitted job's logs")):
+    for name, func, text in (
+        ("status", cmd_status, "a submitted job's status"),
+        ("logs", cmd_logs, "a submitted job's logs"),
+    ):
         p = sub.add_parser(name, help=text, allow_abbrev=False)
         p.add_argument("job_id")
         p.add_argument("--address", default=default_dashboard(), help="Ray dashboard, e.g. http://HEAD:8265")
         p.set_defaults(func=func)
-    return parser
 
 
 def configure_logging(verbose: bool) -> None:

@@ -28,6 +28,10 @@ else:  # pragma: no cover
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 # Field metadata: the field's values include the word "none", which `--set` keeps as a word.
 NONE_IS_A_VALUE = "none_is_a_value"
+# Field metadata: the setting changes where or how fast a stage runs, not what it produces,
+# so a cached stage output stays valid when it changes (see `Config.inputs`).
+NOT_AN_INPUT = "not_an_input"
+_NOT_AN_INPUT = {NOT_AN_INPUT: True}
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -120,13 +124,13 @@ class TrainConfig:
     cpus_per_worker: int = 1
     # Training steps run inside one TensorFlow call (like Keras's steps_per_execution):
     # fewer Python round trips per step; the steps themselves are unchanged.
-    steps_per_execution: int = 8
+    steps_per_execution: int = field(default=8, metadata=_NOT_AN_INPUT)
     use_gpu: bool = False
     precision: str = "float32"
-    storage_path: str | None = None  # Ray Train storage; None: TRAIN_DIR/ray
-    checkpoints_to_keep: int = 2
-    max_failures: int = 2
-    fault_at_epoch: int | None = None  # test-only: a worker crashes once at this epoch
+    # Ray Train storage; None: TRAIN_DIR/ray
+    storage_path: str | None = field(default=None, metadata=_NOT_AN_INPUT)
+    checkpoints_to_keep: int = field(default=2, metadata=_NOT_AN_INPUT)
+    max_failures: int = field(default=2, metadata=_NOT_AN_INPUT)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
@@ -185,7 +189,7 @@ class ExportConfig:
 
     opset: int = 17
     # max |onnxruntime - keras| allowed (relative beyond unit scale); the decoder's rows
-    # are each compared given the same rows above (see pipeline.export.row_by_row_reference).
+    # are each compared given the same rows above (see pipeline.stages.export.row_by_row_reference).
     tolerance: float = 1e-5
     verify_samples: int = 1000
 
@@ -222,15 +226,35 @@ class Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
         """Build and validate a config; unknown keys and wrong types raise PipelineError.
-        `train.address` (before 0.2) is read as `ray.address`."""
+        `train.address` (before 0.2) is read as `ray.address`; an unset
+        `train.fault_at_epoch` (a test hook before 0.2) is dropped."""
         return _build(cls, _moved_keys(data), prefix="")
 
     def replace(self, **sections: Any) -> Config:
         return dataclasses.replace(self, **sections)
 
+    def inputs(self, sections: tuple[str, ...]) -> dict[str, Any]:
+        """The named sections as in `to_dict`, without the settings that change only where
+        or how fast a stage runs (field metadata NOT_AN_INPUT): what a stage's output
+        depends on."""
+        data = self.to_dict()
+        result = {}
+        for name in sections:
+            value = getattr(self, name)
+            if dataclasses.is_dataclass(value):
+                skipped = {f.name for f in dataclasses.fields(value) if f.metadata.get(NOT_AN_INPUT)}
+                result[name] = {k: v for k, v in data[name].items() if k not in skipped}
+            else:
+                result[name] = data[name]
+        return result
+
 
 def _moved_keys(data: Any) -> Any:
     train = data.get("train") if isinstance(data, dict) else None
+    if isinstance(train, dict) and train.get("fault_at_epoch", 0) is None:
+        # A test hook until 0.2 (run.json records of then hold it unset); tests now install it.
+        train = {k: v for k, v in train.items() if k != "fault_at_epoch"}
+        data = {**data, "train": train}
     if not isinstance(train, dict) or "address" not in train:
         return data
     ray = data.get("ray") or {}

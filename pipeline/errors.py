@@ -61,9 +61,7 @@ def _find_object(error: BaseException) -> PipelineError | None:
         failures = getattr(current, "worker_failures", None)
         if isinstance(failures, dict):
             pending.extend(failures.values())
-        pending.extend(
-            [getattr(current, "controller_failure", None), current.__cause__, current.__context__]
-        )
+        pending.extend([getattr(current, "controller_failure", None), current.__cause__, current.__context__])
     return None
 
 

@@ -11,14 +11,17 @@ again just before a finished output is swapped in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
+from pipeline.files import atomic_directory, files_below, write_json
 from pipeline.schema import OUTPUT_FORMAT, OUTPUT_MARKER
 
 MAX_LISTED = 3  # foreign paths named in a refusal
@@ -45,8 +48,6 @@ def read_marker(directory: Path) -> dict[str, Any] | None:
 def write_marker(directory: Path, stage: str, owned: list[str]) -> None:
     """Record that `stage` wrote `directory` and owns the relative paths `owned` in it
     (a directory in `owned` covers everything below it)."""
-    from pipeline.atomic import write_json
-
     marker = {
         "format": OUTPUT_FORMAT,
         "stage": stage,
@@ -54,18 +55,6 @@ def write_marker(directory: Path, stage: str, owned: list[str]) -> None:
         "owned": sorted(set(owned)),
     }
     write_json(Path(directory) / OUTPUT_MARKER, marker)
-
-
-def files_below(directory: Path) -> list[str]:
-    """Every non-directory path under `directory`, relative, with "/" separators."""
-    found = []
-    for root, dirs, files in os.walk(directory):
-        dirs.sort()
-        base = Path(root).relative_to(directory)
-        # A symbolic link to a directory is listed, not followed: it is a path like a file.
-        links = [d for d in dirs if (Path(root) / d).is_symlink()]
-        found += [(base / name).as_posix() for name in sorted(files + links)]
-    return found
 
 
 def is_owned(relative: str, owned: set[str]) -> bool:
@@ -116,8 +105,7 @@ def _check_existing(target: Path, stage: str) -> bool:
         )
     if marker.get("stage") != stage:
         raise PipelineError(
-            f"{target}: holds the output of the {marker.get('stage')} stage, not {stage}; "
-            "refusing to replace it"
+            f"{target}: holds the output of the {marker.get('stage')} stage, not {stage}; refusing to replace it"
         )
     foreign = foreign_paths(target, marker)
     if foreign:
@@ -153,3 +141,19 @@ def claim_output(target: Path, stage: str, owned: list[str]) -> Path:
         raise PipelineError(f"{target}: cannot create ({exc.strerror or exc})") from exc
     write_marker(target, stage, owned)
     return target
+
+
+@contextlib.contextmanager
+def stage_output(target: Path, stage: str) -> Iterator[Path]:
+    """`files.atomic_directory` for a stage's output: `target` must be new, empty, or that
+    stage's own earlier output with nothing else in it, checked before the block runs and
+    again before the swap; the finished directory gets the stage's marker listing every
+    file in it. On any failure `target` is left exactly as it was."""
+    check_output(target, stage)
+
+    def finish(tmp: Path) -> None:
+        write_marker(tmp, stage, files_below(tmp))
+        check_output(target, stage)
+
+    with atomic_directory(resolve_target(Path(target)), before_swap=finish) as tmp:
+        yield tmp

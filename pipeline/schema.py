@@ -5,10 +5,9 @@ from __future__ import annotations
 # The artifact's file names and image shape belong to `deploy` (which never imports the pipeline).
 from deploy import artifact as _artifact
 
-IMAGE_HEIGHT = 28
-IMAGE_WIDTH = 28
-IMAGE_SHAPE = (IMAGE_HEIGHT, IMAGE_WIDTH)
 IMAGE_TENSOR_SHAPE = _artifact.IMAGE_SHAPE  # (28, 28, 1): what the model and the ONNX files take
+IMAGE_HEIGHT, IMAGE_WIDTH, _ = IMAGE_TENSOR_SHAPE
+IMAGE_SHAPE = (IMAGE_HEIGHT, IMAGE_WIDTH)  # one image as the Parquet dataset holds it
 PIXELS = IMAGE_HEIGHT * IMAGE_WIDTH
 NUM_CLASSES = 10
 CLASS_NAMES = (
@@ -45,6 +44,8 @@ MODEL_DIR = "model"
 MODEL_FILE = "vae.keras"  # Keras native format, in TRAIN_DIR/model/ and in each checkpoint
 LEGACY_WEIGHTS_FILE = "weights.npz"  # the model format before 0.2 (see `vae-pipeline upgrade-model`)
 MODEL_CONFIG_FILE = "model.json"
+RUN_FILE = "run.json"  # in every run directory: its config, stages and status
+LATEST = "latest"  # RUNS/latest: the newest run (a symbolic link, or an object in a store)
 CLUSTER_RUNS_ROOT = "~/vae-pipeline/runs"  # where `submit` puts runs on the cluster by default
 RAY_STORAGE_DIR = "ray"  # Ray Train's storage in TRAIN_DIR unless train.storage_path
 TENSORBOARD_DIR = "tensorboard"
@@ -56,10 +57,11 @@ REPORT_HTML = "report.html"
 DECODER_ONNX = _artifact.DECODER_FILE
 ENCODER_ONNX = _artifact.ENCODER_FILE
 CHECKSUMS_FILE = _artifact.CHECKSUMS_FILE
-MODEL_CARD_JSON = "model_card.json"
+MODEL_CARD_JSON = _artifact.MODEL_CARD_JSON
 MODEL_CARD_MD = "MODEL_CARD.md"
 
 # The `format` of each JSON contract; a reader refuses any other.
 OUTPUT_FORMAT = "vae-pipeline/output/v1"
 DATASET_FORMAT = "vae-pipeline/dataset/v2"
 RUN_FORMAT = "vae-pipeline/run/v1"
+LATEST_FORMAT = "vae-pipeline/latest/v1"

@@ -3,7 +3,7 @@ interface over both through `pyarrow.fs`.
 
 An object store has no rename and no partial objects: an object is either written whole
 or absent. What makes a directory of objects "complete" is a later write that says so
-(for runs, run.json; see pipeline.remote_run). Transient failures (the store unreachable,
+(for runs, run.json; see pipeline.runs.remote). Transient failures (the store unreachable,
 throttled, or failing with a 5xx) are retried for up to `VAE_PIPELINE_STORAGE_RETRY_S`
 seconds (default 60); anything else, or an outage longer than that, is one PipelineError
 line naming the location.
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.errors import PipelineError
+from pipeline.files import files_below, write_text
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +166,6 @@ class Store:
     def write_text(self, relative: str, text: str) -> None:
         """One object written whole (locally: a temporary file renamed into place)."""
         if not self.is_remote:
-            from pipeline.atomic import write_text
-
             write_text(Path(self.path(relative)), text)
             return
 
@@ -208,7 +207,6 @@ class Store:
         """Copy every file below `local_dir` to `relative/` (file by file, each retried);
         then delete the objects there that the copy does not have, except under `skip`.
         Returns the relative paths written."""
-        from pipeline.outputs import files_below
 
         skipped = tuple(s.rstrip("/") + "/" for s in skip)
         files = [f for f in files_below(Path(local_dir)) if not f.startswith(skipped)]
@@ -217,7 +215,11 @@ class Store:
         written = set(files)
         stale = [f for f in self.list_files(relative) if f not in written and not f.startswith(skipped)]
         for name in stale:
-            self._retry(lambda n=name: self.filesystem.delete_file(self.path(join(relative, n))), "cannot delete", join(relative, name))
+            self._retry(
+                lambda n=name: self.filesystem.delete_file(self.path(join(relative, n))),
+                "cannot delete",
+                join(relative, name),
+            )
         return files
 
     def _copy(self, source: Path, relative: str) -> None:
@@ -239,7 +241,10 @@ class Store:
             target.parent.mkdir(parents=True, exist_ok=True)
 
             def copy(name: str = name, target: Path = target) -> None:
-                with self.filesystem.open_input_stream(self.path(join(relative, name))) as src, open(target, "wb") as out:
+                with (
+                    self.filesystem.open_input_stream(self.path(join(relative, name))) as src,
+                    open(target, "wb") as out,
+                ):
                     while chunk := src.read(CHUNK):
                         out.write(chunk)
 

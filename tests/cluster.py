@@ -42,21 +42,43 @@ class LocalCluster:
 
     def _ray_start(self, *args: str) -> None:
         # Each node its own agent ports, so another Ray on this machine cannot hold them.
-        ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                 f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+        ports = [
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+        ]
         done = subprocess.run(
-            [str(VENV_BIN / "ray"), "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-             f"--object-store-memory={OBJECT_STORE_BYTES}", *ports, *args],
-            capture_output=True, text=True, env=self.env, timeout=180,
+            [
+                str(VENV_BIN / "ray"),
+                "start",
+                "--node-ip-address=127.0.0.1",
+                "--disable-usage-stats",
+                f"--object-store-memory={OBJECT_STORE_BYTES}",
+                *ports,
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=180,
         )
         if done.returncode != 0:  # say why: Ray's own words, and where its logs are
-            raise RuntimeError(f"ray start {' '.join(args)} failed ({done.returncode}); logs under {self.temp_dir}:\n"
-                               f"{(done.stdout + done.stderr)[-3000:]}")
+            raise RuntimeError(
+                f"ray start {' '.join(args)} failed ({done.returncode}); logs under {self.temp_dir}:\n"
+                f"{(done.stdout + done.stderr)[-3000:]}"
+            )
 
     def start_head(self) -> None:
-        self._ray_start("--head", f"--port={self.gcs_port}", "--num-cpus=0", "--include-dashboard=true",
-                        "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                        f"--temp-dir={self.temp_dir}")
+        self._ray_start(
+            "--head",
+            f"--port={self.gcs_port}",
+            "--num-cpus=0",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--temp-dir={self.temp_dir}",
+        )
 
     def add_worker(self, name: str, cpus: int) -> None:
         port = free_port()

@@ -53,7 +53,7 @@ def ray_local():
 def small_dataset(tmp_path_factory):
     """An ingested 1,024/512-row dataset: real Fashion-MNIST when installed, else synthetic."""
     from pipeline.config import load_config
-    from pipeline.ingest import ingest
+    from pipeline.stages.ingest import ingest
     from tests.helpers import write_idx_dir
 
     root = tmp_path_factory.mktemp("data")
@@ -67,7 +67,7 @@ def trained_run(tmp_path_factory, small_dataset, ray_local):
     """A tiny model trained by the real train stage with 2 workers (3 epochs), with the
     default preset's pixel context so that evaluate, export and deploy run through it."""
     from pipeline.config import load_config
-    from pipeline.train import train
+    from pipeline.stages.train import train
 
     config = load_config(
         overrides=[
@@ -81,6 +81,16 @@ def trained_run(tmp_path_factory, small_dataset, ray_local):
     )
     out = tmp_path_factory.mktemp("train") / "run"
     return train(config, small_dataset, out)
+
+
+@pytest.fixture(scope="session")
+def artifact(tmp_path_factory, small_dataset, trained_run):
+    """`trained_run` exported by the real export stage (verified against Keras)."""
+    from pipeline.config import load_config
+    from pipeline.stages.export import export
+
+    out = tmp_path_factory.mktemp("artifact") / "artifact"
+    return export(load_config(), trained_run.out, out, data_dir=small_dataset)
 
 
 @pytest.fixture(scope="session")

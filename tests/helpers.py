@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import os
 import socket
 import struct
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +89,23 @@ def poison_keras_file(path: Path) -> None:
     with zipfile.ZipFile(path, "w") as archive:
         for name, data in members.items():
             archive.writestr(name, data)
+
+
+@dataclass(frozen=True)
+class CrashOnce:
+    """A training `epoch_hook` (pipeline.stages.train.train): the last worker's process
+    dies at the start of `epoch` the first time a run gets there (a marker file in the
+    node's temporary directory makes it once per run, so a restarted worker group trains
+    on). It dies `delay_s` into the epoch, as a real crash would: Ray Train's controller
+    collects the workers' reports (and so registers their checkpoints) every 2 s, and a
+    crash right after a report can lose it."""
+
+    epoch: int
+    delay_s: float = 5.0
+
+    def __call__(self, epoch: int, rank: int, world: int, run_name: str) -> None:
+        marker = Path(tempfile.gettempdir()) / f"vae-pipeline-fault-{run_name}"
+        if epoch == self.epoch and rank == world - 1 and not marker.exists():
+            marker.touch()
+            time.sleep(self.delay_s)
+            os._exit(17)

@@ -4,23 +4,24 @@ Pure model code: no Ray, no file paths, no command line. `vae.config` (the
 architecture and its presets) imports without Keras; the names below load their
 modules, and with them Keras and TensorFlow, on first use.
 
-`import vae` also makes a saved model open with plain Keras:
-`keras.saving.load_model("vae.keras")` needs the model's classes registered, so they
-are registered as soon as Keras is loaded, whichever of the two is imported first.
+A saved model opens with plain Keras once `vae.model` is imported, which registers the
+model's classes with Keras's serialization:
+
+    import keras
+    import vae.model  # registers VAE, Sampling and ContextFill
+    model = keras.saving.load_model("vae.keras", compile=False)
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
-import sys
 from typing import Any
 
 _EXPORTS = {
     "VAEConfig": "vae.config",
     "preset": "vae.config",
     "augment": "vae.augment",
+    "random_view": "vae.augment",
     "VAE": "vae.model",
     "ContextFill": "vae.model",
     "Sampling": "vae.model",
@@ -40,6 +41,7 @@ _EXPORTS = {
     "kl_per_dimension": "vae.objective",
     "neg_elbo": "vae.objective",
     "reparameterize": "vae.objective",
+    "training_objective": "vae.objective",
     "get_state": "vae.state",
     "set_state": "vae.state",
 }
@@ -57,36 +59,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
-
-
-class _RegisterWithKeras(importlib.abc.MetaPathFinder):
-    """Imports `vae.model` (which registers VAE and its layers with Keras's
-    serialization) right after `keras` finishes importing.
-
-    It stays in place until Keras is really imported: a mere `find_spec("keras")` (a
-    library probing whether Keras is installed) gets a spec that is never run.
-    """
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "keras":
-            return None
-        others = [finder for finder in sys.meta_path if finder is not self and hasattr(finder, "find_spec")]
-        spec = next((s for s in (finder.find_spec(name, path, target) for finder in others) if s is not None), None)
-        if spec is None or spec.loader is None:
-            return spec
-        load = spec.loader.exec_module
-
-        def exec_module(module):
-            load(module)
-            if self in sys.meta_path:
-                sys.meta_path.remove(self)
-            importlib.import_module("vae.model")
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-if "keras" in sys.modules:
-    importlib.import_module("vae.model")
-elif not any(isinstance(finder, _RegisterWithKeras) for finder in sys.meta_path):
-    sys.meta_path.insert(0, _RegisterWithKeras())

@@ -30,10 +30,11 @@ class VAEConfig:
 
     The encoder has one stage per entry of `filters`: a stride-2 3x3 convolution
     followed by `encoder_convs_per_stage - 1` stride-1 ones (None: `convs_per_stage`),
-    then a dense layer of `dense_units` and the two latent heads. The decoder mirrors it with transposed
-    convolutions, `decoder_filters` wide (None: `filters`), and ends in a 3x3 transposed convolution giving one Bernoulli
-    logit per pixel, or with a pixel `context` (see vae.context) a base logit and one
-    weight per context pixel in the rows above.
+    then a dense layer of `dense_units` and the two latent heads. The decoder mirrors it
+    with transposed convolutions, `decoder_filters` wide (None: `filters`), and ends in a
+    3x3 transposed convolution giving one Bernoulli logit per pixel, or with a pixel
+    `context` (see vae.context) a base logit and one weight per context pixel in the
+    rows above.
     """
 
     latent_dim: int = 2

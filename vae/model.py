@@ -43,7 +43,9 @@ def build_encoder(config: VAEConfig) -> keras.Model:
             filters, 3, strides=2, padding="same", activation=config.activation, name=f"encoder_conv{stage}_1"
         )(x)
         for i in range(2, (config.encoder_convs_per_stage or config.convs_per_stage) + 1):
-            x = layers.Conv2D(filters, 3, padding="same", activation=config.activation, name=f"encoder_conv{stage}_{i}")(x)
+            x = layers.Conv2D(
+                filters, 3, padding="same", activation=config.activation, name=f"encoder_conv{stage}_{i}"
+            )(x)
     x = layers.Flatten(name="encoder_flatten")(x)  # (N, H/4 * W/4 * filters[-1])
     x = layers.Dense(config.dense_units, activation=config.activation, name="encoder_dense")(x)
     # The heads stay float32 under mixed precision: exp(log_var) overflows in float16.
@@ -82,7 +84,9 @@ def build_decoder(config: VAEConfig) -> keras.Model:
             filters, 3, strides=2, padding="same", activation=config.activation, name=f"decoder_upconv{stage}"
         )(x)
         for i in range(2, config.convs_per_stage + 1):
-            x = layers.Conv2D(filters, 3, padding="same", activation=config.activation, name=f"decoder_conv{stage}_{i}")(x)
+            x = layers.Conv2D(
+                filters, 3, padding="same", activation=config.activation, name=f"decoder_conv{stage}_{i}"
+            )(x)
     outputs = channels + len(pixel_context.context_offsets(config.context))
     logits = layers.Conv2DTranspose(outputs, 3, padding="same", name="logits", dtype="float32")(x)
     return keras.Model(z, logits, name="decoder")
@@ -102,7 +106,7 @@ class VAE(keras.Model):
 
     Every layer has a fixed name, so variable paths (`encoder_dense/kernel`, ...) are
     the same in every process, and the model saves to Keras's `.keras` format:
-    `keras.saving.load_model` opens it once `vae` is imported (see `vae/__init__.py`).
+    `keras.saving.load_model` opens it once this module is imported (see `vae/__init__.py`).
     """
 
     def __init__(self, config: VAEConfig | dict, seed: int | None = None, **kwargs):
@@ -138,7 +142,9 @@ class VAE(keras.Model):
     def logits(self, z, images, training: bool = False):
         """Bernoulli logits (N, H, W, C) of `images` given latents z (N, L); with a pixel
         context each pixel also sees the true pixels above it."""
-        return pixel_context.context_logits(self.decoder(z, training=training), images, pixel_context.context_offsets(self.config.context))
+        return pixel_context.context_logits(
+            self.decoder(z, training=training), images, pixel_context.context_offsets(self.config.context)
+        )
 
     def generator(self) -> keras.Model:
         """z (N, L) -> pixel probabilities (N, H, W, C): what export ships as the decoder."""

@@ -76,7 +76,7 @@ def pixel_mean(logits, likelihood: str = "bernoulli"):
     what generation feeds the pixel context. Bernoulli: sigmoid(l). Continuous Bernoulli:
     1 / (1 - exp(-l)) - 1 / l, which is 1/2 at l = 0; below |l| = CB_SERIES_BELOW the
     series 1/2 + l/12 - l^3/720 + l^5/30240 (error under l^7 / 1209600). The ONNX export
-    writes the same formula, operation for operation (pipeline.onnx_fill)."""
+    writes the same formula, operation for operation (pipeline.onnx.row_fill)."""
     if likelihood == "bernoulli":
         return ops.sigmoid(logits)
     if likelihood != "continuous_bernoulli":
@@ -116,6 +116,7 @@ def info_nce(a, b, temperature: float):
     other row of the other view a negative; cosine similarity over `temperature`. Returns
     (N,), nats per example: log N when the rows cannot be told apart, near 0 when each
     row's partner is by far its closest."""
+
     def unit(rows):
         return rows * ops.rsqrt(ops.maximum(ops.sum(ops.square(rows), axis=-1, keepdims=True), 1e-12))
 
@@ -135,6 +136,43 @@ def neg_elbo(images, logits, z_mean, z_log_var, beta: float = 1.0, likelihood: s
     reconstruction = -log_likelihood(images, logits, likelihood)
     kl = kl_divergence(z_mean, z_log_var)
     return reconstruction + beta * kl, reconstruction, kl
+
+
+def training_objective(
+    images,
+    logits,
+    z_mean,
+    z_log_var,
+    global_batch: int,
+    *,
+    beta: float = 1.0,
+    likelihood: str = "bernoulli",
+    free_bits=None,
+    view_mean=None,
+    contrastive_weight: float = 0.0,
+    temperature: float = 1.0,
+):
+    """What training minimises for one batch, and the true ELBO's terms for its metrics.
+
+    The objective is the batch's summed negative ELBO divided by `global_batch` (the
+    examples the whole data-parallel step averages over), with two training-only changes:
+    with `free_bits` (nats per latent dimension; a number or a scalar tensor), the KL
+    term is `free_bits_kl`'s floored KL; with `view_mean` (N, L), the latent means of a
+    second view of each image (vae.augment), `contrastive_weight` times the summed
+    `info_nce` between them and `z_mean` is added. Shapes: images (N, H, W, 1), logits
+    like images, z_mean and z_log_var (N, L). Returns (objective, (loss, reconstruction,
+    kl)): a scalar, then (N,) each in nats, the reported ELBO without either change.
+    """
+    loss, reconstruction, kl = neg_elbo(images, logits, z_mean, z_log_var, beta=beta, likelihood=likelihood)
+    if free_bits is not None:
+        kl_term = ops.shape(z_mean)[0] * free_bits_kl(z_mean, z_log_var, free_bits)
+        objective = (ops.sum(reconstruction) + beta * kl_term) / global_batch
+    else:
+        objective = ops.sum(loss) / global_batch
+    if view_mean is not None and contrastive_weight > 0:
+        nce = info_nce(ops.cast(z_mean, "float32"), ops.cast(view_mean, "float32"), temperature)
+        objective += contrastive_weight * ops.sum(nce) / global_batch
+    return objective, (loss, reconstruction, kl)
 
 
 def gaussian_log_density(z, mean, log_var):

@@ -8,11 +8,10 @@ import pytest
 
 from deploy import ArtifactError, Generator
 from deploy.cli import main as generate_main
-from tests.pipeline.test_export import artifact  # noqa: F401  (session fixture)
 
 
 @pytest.fixture(scope="module")
-def generator(artifact):  # noqa: F811
+def generator(artifact):
     return Generator(artifact.out, providers="cpu")
 
 
@@ -31,18 +30,20 @@ def test_decode_sample_interpolate_encode_shapes(generator):
 
 
 def test_decode_matches_keras(generator, trained_run):
-    from pipeline.model_store import load_model
+    from pipeline.training.model_store import load_model
+
     model, _ = load_model(trained_run.out)
     z = np.random.default_rng(3).standard_normal((32, 4)).astype(np.float32)
     np.testing.assert_allclose(generator.decode(z), np.asarray(model.generator()(z)), atol=1e-5)
 
 
-def test_chunked_batches_equal_one_run(artifact):  # noqa: F811
+def test_chunked_batches_equal_one_run(artifact):
     z = np.random.default_rng(4).standard_normal((301, 4)).astype(np.float32)
     images = np.random.default_rng(5).uniform(size=(150, 28, 28, 1)).astype(np.float32)
-    with Generator(artifact.out, providers="cpu", parallel=1) as single, Generator(
-        artifact.out, providers="cpu", parallel=3
-    ) as chunked:
+    with (
+        Generator(artifact.out, providers="cpu", parallel=1) as single,
+        Generator(artifact.out, providers="cpu", parallel=3) as chunked,
+    ):
         assert chunked.parallel == 3 and single.parallel == 1
         np.testing.assert_allclose(chunked.decode(z), single.decode(z), atol=1e-6)
         for got, expected in zip(chunked.encode(images), single.encode(images), strict=True):
@@ -52,7 +53,7 @@ def test_chunked_batches_equal_one_run(artifact):  # noqa: F811
         Generator(artifact.out, providers="cpu", parallel=0)
 
 
-def test_large_batches_run_in_bounded_pieces_written_in_place(artifact):  # noqa: F811
+def test_large_batches_run_in_bounded_pieces_written_in_place(artifact):
     """max_batch splits a batch into pieces of at most that many rows; onnxruntime writes
     each piece's outputs straight into its rows of the result (I/O binding)."""
     import onnxruntime as ort
@@ -126,7 +127,7 @@ def test_bad_images_and_arguments_are_value_errors(generator):
         generator.interpolate(np.zeros(4), np.ones(4), steps=1)
 
 
-def test_tampered_file_is_refused(tmp_path, artifact):  # noqa: F811
+def test_tampered_file_is_refused(tmp_path, artifact):
     import shutil
 
     copy = tmp_path / "artifact"
@@ -141,7 +142,7 @@ def test_tampered_file_is_refused(tmp_path, artifact):  # noqa: F811
         Generator(copy)
 
 
-def test_auto_providers_fall_back_to_cpu(artifact):  # noqa: F811
+def test_auto_providers_fall_back_to_cpu(artifact):
     import onnxruntime as ort
 
     generator = Generator(artifact.out)
@@ -152,7 +153,7 @@ def test_auto_providers_fall_back_to_cpu(artifact):  # noqa: F811
             Generator(artifact.out, providers="cuda")
 
 
-def test_deploy_runs_without_tensorflow(artifact):  # noqa: F811
+def test_deploy_runs_without_tensorflow(artifact):
     """A fresh interpreter where importing TensorFlow, Keras or Ray fails outright."""
     code = textwrap.dedent(
         f"""
@@ -173,7 +174,7 @@ def test_deploy_runs_without_tensorflow(artifact):  # noqa: F811
     assert result.stdout.strip() == "ok []"
 
 
-def test_vae_generate_writes_a_png(tmp_path, artifact, capsys):  # noqa: F811
+def test_vae_generate_writes_a_png(tmp_path, artifact, capsys):
     out = tmp_path / "grid.png"
     assert generate_main(["--model", str(artifact.out), "--n", "10", "--seed", "0", "--out", str(out)]) == 0
     data = out.read_bytes()
@@ -208,14 +209,14 @@ def test_batches_are_the_same_images_as_one_sample(generator):
 
 
 @pytest.fixture
-def nan_artifact(tmp_path, artifact):  # noqa: F811
+def nan_artifact(tmp_path, artifact):
     """The artifact with one decoder weight set to NaN, its SHA256SUMS rewritten to match."""
     import shutil
 
     import onnx
     from onnx import numpy_helper
 
-    from pipeline.export import write_checksums
+    from pipeline.stages.export import write_checksums
 
     copy = tmp_path / "nan-artifact"
     shutil.copytree(artifact.out, copy)
@@ -243,7 +244,7 @@ def test_vae_generate_with_a_nan_model_is_one_line_and_writes_nothing(tmp_path, 
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["nan-artifact"]
 
 
-def test_vae_generate_grid_holds_the_sampled_images(tmp_path, artifact, generator):  # noqa: F811
+def test_vae_generate_grid_holds_the_sampled_images(tmp_path, artifact, generator):
     import matplotlib.image
 
     out = tmp_path / "grid.png"
@@ -258,7 +259,7 @@ def test_vae_generate_grid_holds_the_sampled_images(tmp_path, artifact, generato
     assert (pixels[2 * 30 :, 30:] == 255).all()  # the two unused cells stay white
 
 
-def test_vae_generate_refuses_a_directory_or_a_non_png_and_leaves_no_temporary(tmp_path, capsys, artifact):  # noqa: F811
+def test_vae_generate_refuses_a_directory_or_a_non_png_and_leaves_no_temporary(tmp_path, capsys, artifact):
     directory = tmp_path / "outdir"
     directory.mkdir()
     assert generate_main(["--model", str(artifact.out), "--n", "4", "--out", str(directory)]) == 2
@@ -291,22 +292,22 @@ def peak_rss_mb(artifact_dir, n, out):
     return float(rss)
 
 
-def test_vae_generate_memory_does_not_grow_with_n(tmp_path, artifact):  # noqa: F811
+def test_vae_generate_memory_does_not_grow_with_n(tmp_path, artifact):
     # Before streaming, memory grew by about 0.2 MB an image: 4 GB more at 20,000.
     small = peak_rss_mb(artifact.out, 500, tmp_path / "small.png")
     large = peak_rss_mb(artifact.out, 20_000, tmp_path / "large.png")
     assert large - small < 64, (small, large)
 
 
-def test_single_images_go_through_the_graph_thread_from_any_caller(artifact, monkeypatch):  # noqa: F811
+def test_single_images_go_through_the_graph_thread_from_any_caller(artifact, monkeypatch):
     """The single-image CUDA-graph plumbing (its own thread, bound buffers, z copied in and
     the image out) run on the CPU, since CI has no GPU: the provider and memory names it
     uses point at the CPU's."""
     import threading
 
-    import deploy.generator as module
+    import deploy.cuda_graph as module
 
-    monkeypatch.setattr(module, "GRAPH_PROVIDER", module.CPU)
+    monkeypatch.setattr(module, "GRAPH_PROVIDER", "CPUExecutionProvider")
     monkeypatch.setattr(module, "CUDA_DEVICE", "cpu")
     z = np.random.default_rng(9).standard_normal((24, 4)).astype(np.float32)
     graph_threads = lambda: [t for t in threading.enumerate() if t.name.startswith("vae-cuda-graph")]  # noqa: E731
@@ -355,11 +356,11 @@ def _has_cuda() -> bool:
 
 
 @pytest.mark.skipif(not _has_cuda(), reason="needs onnxruntime-gpu and a CUDA device")
-def test_both_graphs_run_wholly_on_cuda_and_agree_with_the_cpu(artifact):  # noqa: F811
+def test_both_graphs_run_wholly_on_cuda_and_agree_with_the_cpu(artifact):
     """Run only where CUDA is: sessions with the CPU fallback disabled load both graphs,
     and single images, replayed as a captured CUDA graph, are the plain session's."""
     from deploy.generator import provider_options
-    from pipeline.onnx_fill import provider_agreement
+    from pipeline.onnx.row_fill import provider_agreement
 
     z = np.random.default_rng(8).standard_normal((5000, 4)).astype(np.float32)
     with (

@@ -12,7 +12,6 @@ import pytest
 
 from deploy import Generator
 from deploy.png import write_grid
-from tests.pipeline.test_export import artifact  # noqa: F401  (session fixture)
 
 PROGRAM = Path(__file__).resolve().parents[2] / "deploy" / "node" / "vae-node.mjs"
 NODE = shutil.which("node") or "node"
@@ -23,14 +22,21 @@ def vae_node(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def generator(artifact):  # noqa: F811
+def generator(artifact):
     return Generator(artifact.out, providers="cpu")
 
 
-def test_node_decodes_fixed_latents_as_python_does(artifact, generator, tmp_path):  # noqa: F811
+def test_node_decodes_fixed_latents_as_python_does(artifact, generator, tmp_path):
     latents = np.random.default_rng(11).standard_normal((9, generator.latent_dim)).astype(np.float32)
     (tmp_path / "latents.json").write_text(json.dumps({"latents": latents.tolist()}))
-    done = vae_node("--model", str(artifact.out), "--latents", str(tmp_path / "latents.json"), "--out", str(tmp_path / "images.json"))
+    done = vae_node(
+        "--model",
+        str(artifact.out),
+        "--latents",
+        str(tmp_path / "latents.json"),
+        "--out",
+        str(tmp_path / "images.json"),
+    )
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stdout and "(9 images, latent size" in done.stdout
     images = np.array(json.loads((tmp_path / "images.json").read_text())["images"], np.float32)
@@ -39,12 +45,14 @@ def test_node_decodes_fixed_latents_as_python_does(artifact, generator, tmp_path
     np.testing.assert_allclose(images, expected, rtol=0, atol=1e-5)
 
 
-def test_node_png_grid_matches_vae_generates_grid(artifact, generator, tmp_path):  # noqa: F811
+def test_node_png_grid_matches_vae_generates_grid(artifact, generator, tmp_path):
     from PIL import Image
 
     latents = np.random.default_rng(12).standard_normal((5, generator.latent_dim)).astype(np.float32)
     (tmp_path / "latents.json").write_text(json.dumps(latents.tolist()))
-    done = vae_node("--model", str(artifact.out), "--latents", str(tmp_path / "latents.json"), "--out", str(tmp_path / "grid.png"))
+    done = vae_node(
+        "--model", str(artifact.out), "--latents", str(tmp_path / "latents.json"), "--out", str(tmp_path / "grid.png")
+    )
     assert done.returncode == 0, done.stderr
     buffer = io.BytesIO()
     write_grid(buffer, [generator.decode(latents)], 5)
@@ -54,7 +62,7 @@ def test_node_png_grid_matches_vae_generates_grid(artifact, generator, tmp_path)
     assert np.abs(ours - python).max() <= 1
 
 
-def test_node_samples_with_a_seed_reproducibly(artifact, tmp_path):  # noqa: F811
+def test_node_samples_with_a_seed_reproducibly(artifact, tmp_path):
     outputs = []
     for name in ("a.json", "b.json", "c.json"):
         seed = "1" if name == "c.json" else "0"
@@ -66,7 +74,7 @@ def test_node_samples_with_a_seed_reproducibly(artifact, tmp_path):  # noqa: F81
     assert not np.array_equal(outputs[0], outputs[2])
 
 
-def test_a_tampered_model_is_refused_and_nothing_is_written(artifact, tmp_path):  # noqa: F811
+def test_a_tampered_model_is_refused_and_nothing_is_written(artifact, tmp_path):
     copy = tmp_path / "artifact"
     shutil.copytree(artifact.out, copy)
     data = bytearray((copy / "decoder.onnx").read_bytes())
@@ -75,7 +83,9 @@ def test_a_tampered_model_is_refused_and_nothing_is_written(artifact, tmp_path):
     done = vae_node("--model", str(copy), "--n", "2", "--out", str(tmp_path / "out.png"))
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("vae-node: error: decoder.onnx does not match SHA256SUMS"), done.stderr
+    assert len(lines) == 1 and lines[0].startswith("vae-node: error: decoder.onnx does not match SHA256SUMS"), (
+        done.stderr
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]
 
 
@@ -89,7 +99,7 @@ def test_a_tampered_model_is_refused_and_nothing_is_written(artifact, tmp_path):
     ],
     ids=["wrong-size", "null", "empty", "nan"],
 )
-def test_bad_latents_are_one_line_and_write_nothing(artifact, generator, tmp_path, make, message):  # noqa: F811
+def test_bad_latents_are_one_line_and_write_nothing(artifact, generator, tmp_path, make, message):
     path = tmp_path / "latents.json"
     path.write_text(make(generator.latent_dim))
     done = vae_node("--model", str(artifact.out), "--latents", str(path), "--out", str(tmp_path / "out.json"))

@@ -17,23 +17,35 @@ import pytest
 
 from deploy import Generator
 from tests.helpers import free_port
-from tests.pipeline.test_export import artifact  # noqa: F401  (session fixture)
 
 VENV_BIN = os.path.dirname(sys.executable)
 MAX_BODY = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def server(artifact, tmp_path_factory):  # noqa: F811
+def server(artifact, tmp_path_factory):
     """The CLI in its own process, with its own local Ray, as a user starts it."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "output.txt"  # a file: Ray's processes may hold a pipe open
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     with log.open("w") as output:
         process = subprocess.Popen(
-            [os.path.join(VENV_BIN, "vae-generate"), "serve", "--model", str(artifact.out), "--port", str(port),
-             "--max-body-bytes", str(MAX_BODY), "--batch-wait-ms", "20"],
-            stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            [
+                os.path.join(VENV_BIN, "vae-generate"),
+                "serve",
+                "--model",
+                str(artifact.out),
+                "--port",
+                str(port),
+                "--max-body-bytes",
+                str(MAX_BODY),
+                "--batch-wait-ms",
+                "20",
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -93,7 +105,7 @@ def session_processes(session_id: int) -> list:
 
 
 @pytest.fixture(scope="module")
-def generator(artifact):  # noqa: F811
+def generator(artifact):
     return Generator(artifact.out, providers="cpu")
 
 
@@ -148,22 +160,70 @@ def test_every_route(server, generator):
 
 
 BAD = [
-    ("wrong shape", "POST", "/v1/decode", {"latents": [[[0.0] * 4]]}, "application/json", 400, "must have shape (N, 4)"),
+    (
+        "wrong shape",
+        "POST",
+        "/v1/decode",
+        {"latents": [[[0.0] * 4]]},
+        "application/json",
+        400,
+        "must have shape (N, 4)",
+    ),
     ("wrong latent size", "POST", "/v1/decode", {"latents": [[0.0] * 5]}, "application/json", 400, "got (1, 5)"),
-    ("NaN", "POST", "/v1/decode", b'{"latents": [[NaN, 0, 0, 0]]}', "application/json", 400, "NaN is not a finite number"),
-    ("huge number", "POST", "/v1/decode", b'{"latents": [[1e999, 0, 0, 0]]}', "application/json", 400, "holds NaN or Inf"),
-    ("not numbers", "POST", "/v1/decode", {"latents": [["a", 0, 0, 0]]}, "application/json", 400, "nested list of numbers"),
+    (
+        "NaN",
+        "POST",
+        "/v1/decode",
+        b'{"latents": [[NaN, 0, 0, 0]]}',
+        "application/json",
+        400,
+        "NaN is not a finite number",
+    ),
+    (
+        "huge number",
+        "POST",
+        "/v1/decode",
+        b'{"latents": [[1e999, 0, 0, 0]]}',
+        "application/json",
+        400,
+        "holds NaN or Inf",
+    ),
+    (
+        "not numbers",
+        "POST",
+        "/v1/decode",
+        {"latents": [["a", 0, 0, 0]]},
+        "application/json",
+        400,
+        "nested list of numbers",
+    ),
     ("no latents", "POST", "/v1/decode", {"z": []}, "application/json", 400, "missing 'latents'"),
     ("too many rows", "POST", "/v1/decode", {"latents": [[0.0] * 4] * 257}, "application/json", 400, "1 to 256 rows"),
     ("not JSON", "POST", "/v1/decode", b"latents=1", "application/json", 400, "the body is not JSON"),
     ("a list body", "POST", "/v1/sample", [1, 2], "application/json", 400, "must be a JSON object"),
     ("n too large", "POST", "/v1/sample", {"n": 100000}, "application/json", 400, "'n' must be an integer in [1, 256]"),
     ("n not an integer", "POST", "/v1/sample", {"n": 2.5}, "application/json", 400, "'n' must be an integer"),
-    ("bad temperature", "POST", "/v1/sample", {"temperature": -1}, "application/json", 400, "temperature must be in (0, 10]"),
+    (
+        "bad temperature",
+        "POST",
+        "/v1/sample",
+        {"temperature": -1},
+        "application/json",
+        400,
+        "temperature must be in (0, 10]",
+    ),
     ("bad format", "POST", "/v1/sample", {"format": "gif"}, "application/json", 400, "format must be 'json' or 'png'"),
     ("not an image", "POST", "/v1/encode", b"this is not a PNG", "image/png", 415, "not a readable PNG"),
     ("wrong image size", "POST", "/v1/encode", "png 10x10", "image/png", 400, "must be 28x28 pixels, got 10x10"),
-    ("pixels out of range", "POST", "/v1/encode", {"images": [[[2.0] * 28] * 28]}, "application/json", 400, "in [0, 1]"),
+    (
+        "pixels out of range",
+        "POST",
+        "/v1/encode",
+        {"images": [[[2.0] * 28] * 28]},
+        "application/json",
+        400,
+        "in [0, 1]",
+    ),
     ("unknown route", "POST", "/v1/nothing", {}, "application/json", 404, "no route POST /v1/nothing"),
     ("wrong method", "GET", "/v1/decode", None, "application/json", 405, "no route GET /v1/decode"),
     ("body too large", "POST", "/v1/decode", b" " * (MAX_BODY + 1), "application/json", 413, "over the limit of 65536"),
@@ -222,7 +282,7 @@ def test_an_orphaned_haproxy_of_this_node_is_found_and_stopped(tmp_path):
     `serve_forever` still finds it by the node id in its config path."""
     import psutil
 
-    from deploy.serve import own_haproxy, stop_processes
+    from deploy.serve_process import own_haproxy, stop_processes
 
     fake = fake_haproxy(tmp_path)
     node_id = str(10**9 + os.getpid())  # digits, so that `sleep` takes it: "<node_id>s"
@@ -248,7 +308,7 @@ def test_a_haproxy_that_comes_after_rays_shutdown_is_stopped_too(tmp_path):
 
     import psutil
 
-    from deploy.serve import stop_own_haproxy
+    from deploy.serve_process import stop_own_haproxy
 
     fake = fake_haproxy(tmp_path)
     node_id = str(10**9 + 7 + os.getpid())

@@ -18,7 +18,6 @@ import pytest
 from deploy import Generator
 from deploy.artifact import ArtifactError
 from deploy.web_server import make_server, start_in_thread
-from tests.pipeline.test_export import artifact  # noqa: F401  (session fixture)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FRAME_MS = 16.0
@@ -59,13 +58,15 @@ class Page:
         self.page.goto(url)
 
     def wait_ready(self) -> None:
-        self.page.wait_for_function("document.body.dataset.ready === 'true' || !document.getElementById('error').hidden",
-                                    timeout=90_000)
+        self.page.wait_for_function(
+            "document.body.dataset.ready === 'true' || !document.getElementById('error').hidden", timeout=90_000
+        )
 
     def image(self) -> np.ndarray:
         """The decoded image's 28x28 grey levels, as the canvas holds them."""
         data = self.page.evaluate(
-            "() => Array.from(document.getElementById('image').getContext('2d').getImageData(0, 0, 28, 28).data)")
+            "() => Array.from(document.getElementById('image').getContext('2d').getImageData(0, 0, 28, 28).data)"
+        )
         rgba = np.array(data, np.int16).reshape(28, 28, 4)
         assert (rgba[..., 3] == 255).all() and (rgba[..., 0] == rgba[..., 1]).all()
         return rgba[..., 0]
@@ -223,8 +224,13 @@ def test_the_server_refuses_a_tampered_artifact_and_serves_only_its_files(model_
         assert headers["Cross-Origin-Embedder-Policy"] == "require-corp"
         assert headers["Cross-Origin-Opener-Policy"] == "same-origin"
         assert get("/ort/ort-wasm-simd-threaded.wasm")[1]["Content-Type"] == "application/wasm"
-        for path in ["/package.json", "/model/../../web_server.py", "/node_modules/onnxruntime-web/package.json",
-                     "/build.mjs", "/model/notes.txt"]:
+        for path in [
+            "/package.json",
+            "/model/../../web_server.py",
+            "/node_modules/onnxruntime-web/package.json",
+            "/build.mjs",
+            "/model/notes.txt",
+        ]:
             assert get(path)[0] == 404, path
     finally:
         server.shutdown()

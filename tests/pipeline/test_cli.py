@@ -8,7 +8,10 @@ from pipeline.cli import main
     [
         (["train", "--data", "d", "--out", "o", "--set", "train.epochs=0"], "config: train.epochs must be >= 1"),
         (["train", "--data", "d", "--out", "o", "--set", "train.epoch=3"], "config: unknown key train.epoch"),
-        (["evaluate", "--data", "d", "--model", "m", "--out", "o", "--config", "missing.toml"], "config file not found"),
+        (
+            ["evaluate", "--data", "d", "--model", "m", "--out", "o", "--config", "missing.toml"],
+            "config file not found",
+        ),
         (["export", "--model", "nothing", "--out", "o"], "no trained model"),
         (["run", "--run-dir", "r", "--force", "trian"], "unknown stage 'trian'"),
     ],

@@ -14,10 +14,17 @@ def test_a_worker_node_killed_mid_epoch_is_replaced_and_training_resumes(tmp_pat
     group restarts on it from the latest checkpoint and every epoch is there once. The
     driver's progress queue must survive too (it once lived on a worker node)."""
     out = tmp_path / "train"
-    command = [sys.executable, "-m", "pipeline.cli", "train", "--data", str(small_dataset), "--out", str(out),
-               "--address", ray_nodes.address]
-    for item in ("model.preset=seed", "model.latent_dim=2", f"train.epochs={EPOCHS}", "train.batch_size=32",
-                 "train.num_workers=2", "train.cpus_per_worker=2", "train.max_failures=2"):
+    command = [sys.executable, "-m", "pipeline.cli", "train", "--data", str(small_dataset), "--out", str(out)]
+    command += ["--address", ray_nodes.address]
+    for item in (
+        "model.preset=seed",
+        "model.latent_dim=2",
+        f"train.epochs={EPOCHS}",
+        "train.batch_size=32",
+        "train.num_workers=2",
+        "train.cpus_per_worker=2",
+        "train.max_failures=2",
+    ):
         command += ["--set", item]
     # The cluster's client environment: a Ray started in this process (other tests') has
     # set RAY_AUTH_MODE=token here, which this test cluster does not use.
@@ -44,8 +51,10 @@ def test_a_worker_node_killed_mid_epoch_is_replaced_and_training_resumes(tmp_pat
     assert [row["epoch"] for row in history] == list(range(EPOCHS))
     recovery_s = start_times[1] - killed_at
     redone = max(0, epochs_done - starts[1])
-    print(f"\nnode failure: training running again {recovery_s:.1f} s after the node's death; "
-          f"{epochs_done} epochs logged when killed, resumed at epoch {starts[1] + 1} ({redone} completed epochs redone "
-          "plus the one in flight)")
+    print(
+        f"\nnode failure: training running again {recovery_s:.1f} s after the node's death; "
+        f"{epochs_done} epochs logged when killed, resumed at epoch {starts[1] + 1} ({redone} completed epochs redone "
+        "plus the one in flight)"
+    )
     assert recovery_s > 0
     assert "resuming at epoch" in stderr

@@ -90,7 +90,9 @@ def test_model_section_resolves_preset_with_overrides():
     assert tuple(architecture["filters"]) == (32, 64)
     assert architecture["dense_units"] == 16
     assert architecture["context"] == "none"
-    assert load_config(overrides=["model.preset=seed", "model.context=above"]).model.architecture()["context"] == "above"
+    assert (
+        load_config(overrides=["model.preset=seed", "model.context=above"]).model.architecture()["context"] == "above"
+    )
     assert tuple(load_config().model.architecture()["decoder_filters"]) == (32, 32)  # the default preset's
     wider = load_config(overrides=["model.decoder_filters=[64, 48]"]).model.architecture()
     assert tuple(wider["decoder_filters"]) == (64, 48) and tuple(wider["filters"]) == (32, 64)
@@ -118,7 +120,10 @@ MODEL_KEY_ERRORS = [
     ("model.dense_units=0", "model.dense_units must be >= 1, got 0"),
     ("model.activation=tanhh", "model.activation must be one of ('relu', 'elu', 'gelu', 'swish'), got 'tanhh'"),
     ("model.context=left", "model.context must be one of ['above', 'none', 'rows'], got 'left'"),
-    ("model.likelihood=gaussian", "model.likelihood must be one of ('bernoulli', 'continuous_bernoulli'), got 'gaussian'"),
+    (
+        "model.likelihood=gaussian",
+        "model.likelihood must be one of ('bernoulli', 'continuous_bernoulli'), got 'gaussian'",
+    ),
     ("model.beta=0", "model.beta must be > 0 and <= 1000, got 0.0"),
     ("model.beta=1001", "model.beta must be > 0 and <= 1000, got 1001.0"),
 ]

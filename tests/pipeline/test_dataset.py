@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.dataset import check_dataset, with_dataset_section
+from pipeline.data.dataset import check_dataset, with_dataset_section
 from pipeline.errors import PipelineError
 from pipeline.schema import MANIFEST_FILE
 

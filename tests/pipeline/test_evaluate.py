@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
-from pipeline.dataset import read_split
+from pipeline.data.dataset import read_split
 from pipeline.errors import PipelineError
-from pipeline.evaluate import evaluate, example_noise, score_batch
-from pipeline.model_store import load_model
+from pipeline.stages.evaluate import evaluate, example_noise, score_batch
+from pipeline.training.model_store import load_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -92,7 +92,7 @@ def test_missing_model_is_a_clear_error(tmp_path, small_dataset):
 
 
 def test_image_shape_mismatch_is_a_clear_error(tmp_path, small_dataset):
-    from pipeline.model_store import write_model_dir
+    from pipeline.training.model_store import write_model_dir
     from vae import VAEConfig, build_vae
 
     architecture = VAEConfig(latent_dim=2, image_shape=(32, 32, 1))
@@ -117,7 +117,7 @@ def test_a_model_json_that_disagrees_with_vae_keras_is_refused(tmp_path, small_d
 
 
 def test_manifold_plot_for_two_dimensional_latent(tmp_path):
-    from pipeline.plots import image_grid
+    from pipeline.report.plots import image_grid
 
     grid = image_grid(np.ones((5, 28, 28)), columns=2)
     assert grid.shape == (3 * 28, 2 * 28) and grid[-28:, 28:].sum() == 0
@@ -149,7 +149,7 @@ class FailingScorer:
 def test_a_user_error_in_a_ray_data_actor_comes_back_as_its_own_line(ray_local):
     import ray.data
 
-    from pipeline.evaluate import collect_carrying_user_errors
+    from pipeline.stages.evaluate import collect_carrying_user_errors
 
     dataset = ray.data.range(4).map_batches(
         FailingScorer, batch_size=2, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=1)
@@ -179,7 +179,7 @@ def test_the_driver_holds_no_split_of_images(tmp_path, evaluation, trained_run):
     18,000 training rows (synthetic, the same test split) its peaks must differ by far
     less than the 16,000 extra images take (12.3 MB as uint8; the code before read the
     split and made a float64 copy, 8 times that)."""
-    from pipeline.ingest import ingest
+    from pipeline.stages.ingest import ingest
     from tests.helpers import write_idx_dir
 
     config = load_config(overrides=["evaluate.iwae_k=1", "evaluate.batch_size=256"])
@@ -187,7 +187,8 @@ def test_the_driver_holds_no_split_of_images(tmp_path, evaluation, trained_run):
     for rows in (2_000, 18_000):
         source = write_idx_dir(tmp_path / f"idx-{rows}", train_rows=rows, test_rows=256, seed=1)
         data = ingest(
-            load_config(overrides=[f"data.source=idx:{source}", f"data.limit={rows}", "data.rows_per_file=1000"]), tmp_path / f"data-{rows}"
+            load_config(overrides=[f"data.source=idx:{source}", f"data.limit={rows}", "data.rows_per_file=1000"]),
+            tmp_path / f"data-{rows}",
         ).out
         out = tmp_path / f"eval-{rows}"
         growth[rows] = peak_rss_growth_kib(lambda data=data, out=out: evaluate(config, data, trained_run.out, out))

@@ -5,14 +5,9 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.export import export, row_by_row_reference, verify
+from pipeline.onnx.parity import row_by_row_reference, verify
 from pipeline.schema import CHECKSUMS_FILE
-
-
-@pytest.fixture(scope="session")
-def artifact(tmp_path_factory, small_dataset, trained_run):
-    out = tmp_path_factory.mktemp("artifact") / "artifact"
-    return export(load_config(), trained_run.out, out, data_dir=small_dataset)
+from pipeline.stages.export import export
 
 
 def test_artifact_files_and_checksums(artifact):
@@ -49,7 +44,7 @@ def test_verification_is_recorded_within_tolerance(artifact):
 
 
 def test_verify_rejects_a_model_that_differs(artifact, trained_run):
-    from pipeline.model_store import load_model
+    from pipeline.training.model_store import load_model
 
     model, _ = load_model(trained_run.out)
     generator = model.generator()
@@ -63,7 +58,7 @@ def test_verify_rejects_a_model_that_differs(artifact, trained_run):
 
 
 def test_row_by_row_reference_checks_each_row_given_the_rows_above(trained_run):
-    from pipeline.model_store import load_model
+    from pipeline.training.model_store import load_model
 
     model, _ = load_model(trained_run.out)
     reference = row_by_row_reference(model)

@@ -10,11 +10,11 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.dataset import content_sha256, read_split
+from pipeline.data.dataset import content_sha256, read_split
+from pipeline.data.progressive import ProgressiveArray
 from pipeline.errors import PipelineError
-from pipeline.ingest import ingest
-from pipeline.progressive import ProgressiveArray
 from pipeline.schema import FULL_SPLIT_ROWS, IDX_FILES, MANIFEST_FILE
+from pipeline.stages.ingest import ingest
 from tests.helpers import (
     REAL_DATA_DIR,
     has_real_data,
@@ -232,7 +232,7 @@ def test_tfds_source_through_mock_data(tmp_path):
 
 
 def test_auto_source_prefers_env_dir(tmp_path, monkeypatch):
-    from pipeline.sources import resolve_source
+    from pipeline.data.sources import resolve_source
 
     source = write_idx_dir(tmp_path / "idx")
     monkeypatch.setenv("FASHION_MNIST_DIR", str(source))
@@ -308,13 +308,15 @@ def dataset_proxy(monkeypatch):
 
 def row_digests(images, labels):
     """The multiset of (image, label) rows, order-free: tfds stores examples shuffled."""
-    return sorted(hashlib.sha1(image.tobytes() + bytes([label])).digest() for image, label in zip(images, labels, strict=True))
+    return sorted(
+        hashlib.sha1(image.tobytes() + bytes([label])).digest() for image, label in zip(images, labels, strict=True)
+    )
 
 
 @pytest.mark.realdata
 @pytest.mark.skipif(not has_real_data(), reason="Debian dataset-fashion-mnist not installed")
 def test_tfds_source_downloads_verifies_and_reads_the_real_files(tmp_path, dataset_proxy):
-    from pipeline.sources import load_idx_dir, load_tfds
+    from pipeline.data.sources import load_idx_dir, load_tfds
 
     names = [name for pair in IDX_FILES.values() for name in pair]
     dataset_proxy.files = {name: original_gzip(REAL_DATA_DIR / name) for name in names}
@@ -331,7 +333,7 @@ def test_tfds_source_downloads_verifies_and_reads_the_real_files(tmp_path, datas
 
 
 def test_tfds_download_failure_is_one_line(tmp_path, capsys, dataset_proxy):
-    from pipeline.sources import load_tfds
+    from pipeline.data.sources import load_tfds
 
     with pytest.raises(PipelineError) as info:  # the proxy has no files: every URL is a 404
         load_tfds(str(tmp_path / "tfds"))

@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline.metrics import mean_image_baseline, pixel_entropy
+from pipeline.report.metrics import mean_image_baseline, pixel_entropy
 
 
 def test_mean_image_baseline_from_mean_images_equals_the_per_image_average():
@@ -22,7 +22,8 @@ def test_pixel_entropy_is_zero_for_binary_images_and_log2_per_grey_pixel():
 
 
 def test_continuous_bernoulli_mean_image_baseline_inverts_the_mean():
-    from pipeline.metrics import cb_log_norm, cb_logits_for_means, cb_mean, mean_image_baseline
+    from pipeline.report.metrics import mean_image_baseline
+    from vae.continuous_bernoulli import cb_log_norm, cb_logits_for_means, cb_mean
 
     means = np.array([1e-6, 0.01, 0.3, 0.5, 0.77, 0.999, 1 - 1e-6])
     logits = cb_logits_for_means(means)

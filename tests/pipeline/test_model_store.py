@@ -7,10 +7,10 @@ import numpy as np
 
 from deploy.artifact import sha256_file
 from pipeline.cli import main
-from pipeline.dataset import read_split
-from pipeline.evaluate import example_noise, score_batch
-from pipeline.model_store import load_model
+from pipeline.data.dataset import read_split
 from pipeline.schema import MODEL_DIR
+from pipeline.stages.evaluate import example_noise, score_batch
+from pipeline.training.model_store import load_model
 from tests.helpers import single_error_line
 
 

@@ -14,15 +14,15 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from pipeline.export import row_by_row_reference, tf2onnx_graphs
-from pipeline.onnx_cuda import cuda_refusals, make_cuda_friendly
-from pipeline.onnx_fill import (
+from pipeline.onnx.convert import tf2onnx_graphs
+from pipeline.onnx.cuda import cuda_refusals, make_cuda_friendly
+from pipeline.onnx.parity import row_by_row_reference
+from pipeline.onnx.row_fill import (
     append_row_fill,
     provider_agreement,
     row_logits,
     with_decoded_output,
 )
-from tests.pipeline.test_export import artifact  # noqa: F401  (session fixture)
 from vae.config import CONTEXTS, VAEConfig, preset
 
 
@@ -38,7 +38,7 @@ def default_model():
     return build_vae(preset("default"), seed=0)
 
 
-def test_exported_graphs_hold_no_node_the_cuda_provider_refuses(artifact):  # noqa: F811
+def test_exported_graphs_hold_no_node_the_cuda_provider_refuses(artifact):
     for name in ("decoder.onnx", "encoder.onnx"):
         proto = onnx.load(str(artifact.out / name))
         assert cuda_refusals(proto) == [], name
@@ -108,7 +108,11 @@ def graph_with(node: onnx.NodeProto, inputs, output_type=TensorProto.FLOAT) -> o
 @pytest.mark.parametrize(
     ("node", "inputs", "message"),
     [
-        (helper.make_node("ConvTranspose", ["x", "w"], ["y"], auto_pad="SAME_UPPER", strides=[2, 2]), ["x", "w"], "auto_pad"),
+        (
+            helper.make_node("ConvTranspose", ["x", "w"], ["y"], auto_pad="SAME_UPPER", strides=[2, 2]),
+            ["x", "w"],
+            "auto_pad",
+        ),
         (helper.make_node("ConvTranspose", ["x", "w"], ["y"], pads=[1, 0, 1, 1]), ["x", "w"], "asymmetric pads"),
         (helper.make_node("Cast", ["x"], ["y"], to=TensorProto.STRING), ["x"], "cast to string"),
         (helper.make_node("FusedConv", ["x", "w"], ["y"], domain="com.microsoft"), ["x", "w"], "domain"),
@@ -119,7 +123,9 @@ def graph_with(node: onnx.NodeProto, inputs, output_type=TensorProto.FLOAT) -> o
 def test_each_pattern_the_cuda_provider_refuses_is_named(node, inputs, message):
     refusals = cuda_refusals(graph_with(node, inputs))
     assert len(refusals) == 1 and message in refusals[0]
-    assert cuda_refusals(graph_with(helper.make_node("ConvTranspose", ["x", "w"], ["y"], pads=[1, 1, 1, 1]), inputs)) == []
+    assert (
+        cuda_refusals(graph_with(helper.make_node("ConvTranspose", ["x", "w"], ["y"], pads=[1, 1, 1, 1]), inputs)) == []
+    )
 
 
 def fill_graph(model):
@@ -131,7 +137,7 @@ def fill_graph(model):
 @pytest.mark.parametrize("likelihood", ["bernoulli", "continuous_bernoulli"])
 @pytest.mark.parametrize("context", sorted(CONTEXTS))
 def test_the_onnx_row_fill_matches_keras_row_by_row(context, likelihood):
-    from pipeline.metrics import cb_mean
+    from vae.continuous_bernoulli import cb_mean
     from vae.model import build_vae
 
     model = build_vae(VAEConfig(latent_dim=3, context=context, likelihood=likelihood), seed=1)
@@ -210,7 +216,7 @@ def test_the_fill_centres_the_base_in_nodes_when_no_convolution_computes_it():
     np.testing.assert_allclose(image[..., 0], expected, atol=1e-6)
 
 
-def test_provider_agreement_checks_rows_given_the_rows_above(artifact):  # noqa: F811
+def test_provider_agreement_checks_rows_given_the_rows_above(artifact):
     """The GPU-versus-CPU measure, run CPU against CPU here: rows agree to float rounding
     (the numpy mirror of the fill against the graph's own), whole images exactly."""
     cpu = ["CPUExecutionProvider"]

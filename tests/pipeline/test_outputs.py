@@ -8,10 +8,9 @@ import sys
 
 import pytest
 
-from pipeline.atomic import atomic_directory
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from pipeline.outputs import check_output, read_marker
+from pipeline.outputs import check_output, read_marker, stage_output
 from pipeline.schema import OUTPUT_MARKER
 from tests.helpers import tree_snapshot, write_idx_dir
 
@@ -155,10 +154,10 @@ def test_read_only_file_system_is_one_line_and_keeps_the_earlier_output(tmp_path
 
 def test_a_failed_stage_removes_its_temporary_directory_and_keeps_the_old_output(tmp_path):
     out = tmp_path / "out"
-    with atomic_directory(out, "ingest") as tmp:
+    with stage_output(out, "ingest") as tmp:
         (tmp / "a.txt").write_text("first")
     before = tree_snapshot(out)
-    with pytest.raises(RuntimeError), atomic_directory(out, "ingest") as tmp:
+    with pytest.raises(RuntimeError), stage_output(out, "ingest") as tmp:
         (tmp / "a.txt").write_text("second")
         raise RuntimeError("stage failed half-way")
     assert tree_snapshot(out) == before
@@ -171,16 +170,16 @@ def test_temporaries_of_dead_processes_are_cleared_but_not_live_ones(tmp_path):
     for directory in (dead, live):
         directory.mkdir()
         (directory / "part").write_text("x")
-    with atomic_directory(tmp_path / "out", "ingest") as tmp:
+    with stage_output(tmp_path / "out", "ingest") as tmp:
         (tmp / "a.txt").write_text("x")
     assert not dead.exists() and live.exists()
 
 
 def test_swap_in_rechecks_for_files_that_arrived_meanwhile(tmp_path):
     out = tmp_path / "out"
-    with atomic_directory(out, "ingest") as tmp:
+    with stage_output(out, "ingest") as tmp:
         (tmp / "a.txt").write_text("first")
-    with pytest.raises(PipelineError, match="did not write"), atomic_directory(out, "ingest") as tmp:
+    with pytest.raises(PipelineError, match="did not write"), stage_output(out, "ingest") as tmp:
         (tmp / "a.txt").write_text("second")
         (out / "arrived.txt").write_text("a user's file, written while the stage ran")
     assert (out / "a.txt").read_text() == "first" and (out / "arrived.txt").is_file()

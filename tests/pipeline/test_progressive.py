@@ -3,8 +3,8 @@ import threading
 import numpy as np
 import pytest
 
+from pipeline.data.progressive import ProgressiveArray
 from pipeline.errors import PipelineError
-from pipeline.progressive import ProgressiveArray
 
 
 def test_readers_get_early_rows_before_the_producer_finishes():

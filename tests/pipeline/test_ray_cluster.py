@@ -8,8 +8,8 @@ import time
 import pytest
 
 from pipeline.cli import main
+from pipeline.cluster.connection import check_dashboard, check_speaks_ray
 from pipeline.errors import PipelineError
-from pipeline.ray_cluster import check_dashboard, check_speaks_ray
 from tests.helpers import single_error_line
 
 BOUND_S = 15

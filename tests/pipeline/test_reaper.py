@@ -8,7 +8,7 @@ import time
 
 import psutil
 
-from pipeline.reaper import POLL_S
+from pipeline.cluster.reaper import POLL_S
 
 GONE_WITHIN_S = 20
 
@@ -22,9 +22,9 @@ def wait_for(condition, timeout, what):
 
 def test_no_ray_process_outlives_a_cli_killed_with_sigkill(tmp_path, small_dataset):
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "pipeline.cli", "train", "--data", str(small_dataset), "--out", str(out),
-               "--epochs", "200", "--set", "model.preset=seed", "--set", "model.latent_dim=4",
-               "--set", "train.batch_size=64"]
+    command = [sys.executable, "-m", "pipeline.cli", "train", "--data", str(small_dataset), "--out", str(out)]
+    command += ["--epochs", "200", "--set", "model.preset=seed", "--set", "model.latent_dim=4"]
+    command += ["--set", "train.batch_size=64"]
     env = {**os.environ, "RAY_ADDRESS": ""}
     cli = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:

@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.run import RUN_FILE, run_pipeline
+from pipeline.runs.run import run_pipeline
+from pipeline.schema import RUN_FILE
 from pipeline.storage import Store
 from tests.helpers import REAL_DATA_DIR, has_real_data, write_idx_dir
 
@@ -92,7 +93,7 @@ def test_a_failed_stage_keeps_earlier_outputs_then_the_run_completes_and_is_cach
     stages, _ = statuses(healed.run_dir)
     assert stages["ingest"] == ("complete", False)
     assert [stages[n] for n in ("train", "evaluate", "export")] == [("complete", True)] * 3
-    from pipeline.dataset import check_dataset
+    from pipeline.data.dataset import check_dataset
 
     check_dataset(result.run_dir / "data", full=True)
 

@@ -9,10 +9,10 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.dataset import check_dataset
+from pipeline.data.dataset import check_dataset
 from pipeline.errors import PipelineError
-from pipeline.remote_run import StoreSink
-from pipeline.run import run_pipeline
+from pipeline.runs.remote import StoreSink
+from pipeline.runs.run import run_pipeline
 from pipeline.storage import RETRY_ENV, Store
 from tests.helpers import single_error_line, write_idx_dir
 
@@ -45,7 +45,11 @@ def test_a_missing_bucket_is_one_line_without_waiting(s3_server, source):
     started = time.monotonic()
     with pytest.raises(PipelineError) as info:
         run_pipeline(short_run(source), runs_root="s3://no-such-bucket-here/runs")
-    assert re.fullmatch(r"s3://no-such-bucket-here/runs/latest: cannot write: AWS Error NO_SUCH_BUCKET .*: The specified bucket does not exist", str(info.value))
+    assert re.fullmatch(
+        r"s3://no-such-bucket-here/runs/latest: cannot write: AWS Error NO_SUCH_BUCKET .*: "
+        r"The specified bucket does not exist",
+        str(info.value),
+    )
     assert time.monotonic() - started < 5
 
 
@@ -57,7 +61,9 @@ def source(tmp_path_factory):
 
 
 def short_run(source):
-    return load_config(overrides=[f"data.source=idx:{source}", "data.limit=256", "data.rows_per_file=64", "train.batch_size=100000"])
+    return load_config(
+        overrides=[f"data.source=idx:{source}", "data.limit=256", "data.rows_per_file=64", "train.batch_size=100000"]
+    )
 
 
 def remote_record(location):
@@ -97,7 +103,10 @@ def test_an_outage_during_an_upload_is_ridden_out(s3_server, s3_bucket, source, 
             timer.join()
 
     monkeypatch.setattr(StoreSink, "stage", stage_during_outage)
-    with caplog.at_level(logging.WARNING, logger="pipeline.storage"), pytest.raises(PipelineError, match="does not fit"):
+    with (
+        caplog.at_level(logging.WARNING, logger="pipeline.storage"),
+        pytest.raises(PipelineError, match="does not fit"),
+    ):
         run_pipeline(short_run(source), run_dir=f"{s3_bucket}/run")
     assert "retrying for up to 60 s" in caplog.text
     record = remote_record(f"{s3_bucket}/run")
@@ -141,7 +150,10 @@ def test_an_upload_cut_off_is_never_taken_as_complete(s3_server, s3_bucket, sour
     store = Store.open(location)
     part = next(name for name in store.list_files("data") if name.endswith(".parquet"))
     store.write_text(f"data/{part}", "not parquet")
-    with caplog.at_level(logging.WARNING, logger="pipeline.run"), pytest.raises(PipelineError, match="does not fit"):
+    with (
+        caplog.at_level(logging.WARNING, logger="pipeline.runs.loop"),
+        pytest.raises(PipelineError, match="does not fit"),
+    ):
         run_pipeline(short_run(source), run_dir=location)
     assert "ingest: its output is damaged, running it again" in caplog.text
     assert store.read_bytes(f"data/{part}") != b"not parquet"

@@ -7,20 +7,24 @@ from pathlib import Path
 
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.runs.submit import flatten_overrides, stage_packages
 from pipeline.storage import Store
-from pipeline.submit import flatten_overrides, stage_packages
 from tests.helpers import REAL_DATA_DIR, has_real_data, single_error_line, write_idx_dir
 
 VENV_BIN = Path(sys.executable).parent
 
 
 def test_flattened_config_reads_back_identically():
-    config = load_config(overrides=["model.filters=[8, 16]", "model.context=none", "data.limit=5", "ray.address=ray://h:1"])
+    config = load_config(
+        overrides=["model.filters=[8, 16]", "model.context=none", "data.limit=5", "ray.address=ray://h:1"]
+    )
     assert config.model.context == "none"  # the word: the job on the cluster must not get the preset's `rows`
     assert load_config(overrides=flatten_overrides(config)) == config
 
 
-def test_submit_to_several_nodes_with_runs_in_s3_then_fetch_and_generate(tmp_path, ray_nodes, s3_bucket, capsys, monkeypatch):
+def test_submit_to_several_nodes_with_runs_in_s3_then_fetch_and_generate(
+    tmp_path, ray_nodes, s3_bucket, capsys, monkeypatch
+):
     """The job's driver runs on the head (no CPUs), training and evaluation on the two
     worker nodes; every output goes to the S3 server, and comes back with `fetch`."""
     source = REAL_DATA_DIR if has_real_data() else write_idx_dir(tmp_path / "idx", 512, 512)
@@ -49,9 +53,20 @@ def test_submit_to_several_nodes_with_runs_in_s3_then_fetch_and_generate(tmp_pat
     assert main(["fetch", f"{runs}/latest", "--out", str(tmp_path / "model")]) == 0
     assert capsys.readouterr().out.startswith(f"artifact fetched: {tmp_path / 'model'} (")
     generated = subprocess.run(
-        [str(VENV_BIN / "vae-generate"), "--model", str(tmp_path / "model"), "--n", "4", "--seed", "1",
-         "--out", str(tmp_path / "samples.png")],
-        capture_output=True, text=True, timeout=120,
+        [
+            str(VENV_BIN / "vae-generate"),
+            "--model",
+            str(tmp_path / "model"),
+            "--n",
+            "4",
+            "--seed",
+            "1",
+            "--out",
+            str(tmp_path / "samples.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert generated.returncode == 0, generated.stderr
     assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -68,8 +83,18 @@ def test_submit_to_several_nodes_with_runs_in_s3_then_fetch_and_generate(tmp_pat
 
 
 def test_no_wait_then_status_and_logs(tmp_path, ray_nodes, capsys):
-    code = main(["submit", "--address", ray_nodes.dashboard, "--no-wait", "--run-dir", str(tmp_path / "r"),
-                 "--set", "data.source=idx:/nonexistent"])
+    code = main(
+        [
+            "submit",
+            "--address",
+            ray_nodes.dashboard,
+            "--no-wait",
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--set",
+            "data.source=idx:/nonexistent",
+        ]
+    )
     job_id = capsys.readouterr().out.strip()
     assert code == 0 and job_id
     deadline = time.monotonic() + 120
@@ -94,8 +119,14 @@ def test_an_installed_copy_submits_its_packages_not_the_directory_they_sit_in(tm
     env = {**os.environ, "PYTHONPATH": str(site)}
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--address", ray_nodes.dashboard],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *args, "--address", ray_nodes.dashboard],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     submitted = cli("submit", "--no-wait", "--run-dir", str(tmp_path / "r"), "--set", "data.source=idx:/nonexistent")
     assert submitted.returncode == 0, submitted.stderr[-2000:]

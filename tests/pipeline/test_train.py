@@ -9,10 +9,10 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.model_store import read_keras_file
 from pipeline.schema import METRICS_FILE, MODEL_DIR, TRAIN_SUMMARY_FILE
-from pipeline.train import find_latest_checkpoint, train
-from tests.helpers import poison_keras_file, single_error_line
+from pipeline.stages.train import find_latest_checkpoint, train
+from pipeline.training.model_store import read_keras_file
+from tests.helpers import CrashOnce, poison_keras_file, single_error_line
 
 TINY = ["model.preset=seed", "model.latent_dim=4", "train.batch_size=64"]
 
@@ -33,25 +33,32 @@ def test_two_workers_lower_the_loss_and_keep_replicas_identical(trained_run):
     assert load_config().train.contrastive_weight > 0
     assert all(row["loss"] == pytest.approx(row["reconstruction"] + row["kl"], rel=1e-5) for row in rows)
     floors = [row["free_bits"] for row in rows]  # the default schedule, at the end of each epoch
-    assert load_config().train.free_bits > floors[0] > floors[1] > floors[2] == pytest.approx(load_config().train.free_bits_final)
+    assert (
+        load_config().train.free_bits
+        > floors[0]
+        > floors[1]
+        > floors[2]
+        == pytest.approx(load_config().train.free_bits_final)
+    )
 
 
 def test_free_bits_follow_the_learning_rates_cosine_to_their_final_value():
-    from pipeline.train_loop import free_bits_schedule
+    from pipeline.training.schedules import free_bits_schedule
 
     steps_per_epoch = 10
     config = load_config(overrides=["train.epochs=2", "train.free_bits=0.6", "train.free_bits_final=0.1"])
     schedule = free_bits_schedule(config, steps_per_epoch)
     values = [float(schedule(step)) for step in (0, 5, 10, 15, 20, 30)]
-    np.testing.assert_allclose(values, [0.6, 0.35 + 0.25 * np.cos(np.pi / 4), 0.35, 0.35 - 0.25 * np.cos(np.pi / 4), 0.1, 0.1],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        values, [0.6, 0.35 + 0.25 * np.cos(np.pi / 4), 0.35, 0.35 - 0.25 * np.cos(np.pi / 4), 0.1, 0.1], atol=1e-6
+    )
     for constant in ("train.free_bits_final=none", "train.free_bits=0", "train.free_bits=0.3"):  # final 0.8 >= 0.3
         config = load_config(overrides=[constant])
         assert float(free_bits_schedule(config, steps_per_epoch)(7)) == config.train.free_bits
 
 
 def test_free_bits_can_fall_in_fewer_epochs_and_then_stay_at_their_final_value():
-    from pipeline.train_loop import free_bits_schedule
+    from pipeline.training.schedules import free_bits_schedule
 
     overrides = ["train.epochs=4", "train.free_bits=0.6", "train.free_bits_final=0.1"]
     schedule = free_bits_schedule(load_config(overrides=[*overrides, "train.free_bits_fall_epochs=2"]), 10)
@@ -98,9 +105,9 @@ def test_one_worker_trains_the_same_whatever_the_steps_per_execution(tmp_path, s
 
 
 def test_without_retries_a_crash_fails_the_stage(tmp_path, small_dataset, ray_local):
-    config = load_config(overrides=[*TINY, "train.epochs=1", "train.fault_at_epoch=0", "train.max_failures=0"])
+    config = load_config(overrides=[*TINY, "train.epochs=1", "train.max_failures=0"])
     with pytest.raises(PipelineError, match="training failed"):
-        train(config, small_dataset, tmp_path / "run")
+        train(config, small_dataset, tmp_path / "run", epoch_hook=CrashOnce(epoch=0))
     assert not (tmp_path / "run" / TRAIN_SUMMARY_FILE).exists()
 
 
@@ -132,7 +139,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 
 
 def test_shard_cache_shuffles_every_cached_image_each_epoch():
-    from pipeline.train_loop import ShardCache
+    from pipeline.training.shard_cache import ShardCache
 
     cache = ShardCache()
     images = np.arange(10 * 28 * 28, dtype=np.uint32).reshape(10, 28, 28).astype(np.uint8)
@@ -148,7 +155,7 @@ def test_shard_cache_shuffles_every_cached_image_each_epoch():
 
 
 def test_shard_cache_gives_up_when_too_big_or_short():
-    from pipeline.train_loop import ShardCache
+    from pipeline.training.shard_cache import ShardCache
 
     images = np.zeros((10, 28, 28), np.uint8)
     big = ShardCache(limit_bytes=images.nbytes - 1)
@@ -223,7 +230,7 @@ def test_a_lost_progress_channel_does_not_stop_a_worker(ray_local, capfd):
     """The driver's queue actor dies with its node: rank 0 carries on, rank 1 never speaks."""
     from ray.util.queue import Queue
 
-    from pipeline.train_loop import Worker
+    from pipeline.training.worker_context import Worker
 
     config = load_config(None)
     queue = Queue()
@@ -246,13 +253,19 @@ def test_a_lost_progress_channel_does_not_stop_a_worker(ray_local, capfd):
 
 def test_latest_checkpoint_is_the_highest_epoch_then_the_later_run(tmp_path):
     assert find_latest_checkpoint(str(tmp_path / "none")) is None
-    for run, epoch in [("vae-train-20261127-080000", 3), ("vae-train-20261127-090000", 3),
-                       ("vae-train-20261127-090000", 2), ("vae-train-20261127-100000", 1)]:
+    for run, epoch in [
+        ("vae-train-20261127-080000", 3),
+        ("vae-train-20261127-090000", 3),
+        ("vae-train-20261127-090000", 2),
+        ("vae-train-20261127-100000", 1),
+    ]:
         directory = tmp_path / run / f"checkpoint_epoch_{epoch:04d}"
         directory.mkdir(parents=True)
         (directory / "vae.keras").write_bytes(b"x")
     (tmp_path / "vae-train-20261127-110000" / "checkpoint_epoch_0009").mkdir(parents=True)  # empty: never written
-    assert find_latest_checkpoint(str(tmp_path)) == str(tmp_path / "vae-train-20261127-090000" / "checkpoint_epoch_0003")
+    assert find_latest_checkpoint(str(tmp_path)) == str(
+        tmp_path / "vae-train-20261127-090000" / "checkpoint_epoch_0003"
+    )
 
 
 def test_a_checkpoint_uploaded_but_never_registered_is_resumed_from(tmp_path, trained_run, monkeypatch, capsys):
@@ -264,7 +277,8 @@ def test_a_checkpoint_uploaded_but_never_registered_is_resumed_from(tmp_path, tr
     import ray.train
     import tensorflow as tf
 
-    from pipeline.train_loop import Worker, build_model_and_optimizer, restore
+    from pipeline.training.worker import build_model_and_optimizer, restore
+    from pipeline.training.worker_context import Worker
 
     storage = Path(find_latest_checkpoint(str(trained_run.out / "ray"))).parent
     run = tmp_path / "vae-20261127-210000"

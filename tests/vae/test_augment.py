@@ -50,3 +50,18 @@ def test_each_image_gets_its_own_transform():
     out = np.asarray(augment(x, **per_image))
     np.testing.assert_array_equal(out[[0, 2]], x[[0, 2]])
     np.testing.assert_allclose(out[1], x[1, :, ::-1], atol=1e-6)
+
+
+def test_random_view_is_fixed_by_its_seed_and_differs_per_image():
+    import tensorflow as tf
+
+    from vae import random_view
+
+    x = np.repeat(garments()[:1], 4, axis=0)
+    one = np.asarray(random_view(tf.constant(x), tf.constant([3, 5])))
+    again = np.asarray(random_view(tf.constant(x), tf.constant([3, 5])))
+    other = np.asarray(random_view(tf.constant(x), tf.constant([3, 6])))
+    np.testing.assert_array_equal(one, again)
+    assert not np.array_equal(one, other)
+    assert len({one[i].tobytes() for i in range(4)}) == 4  # one image, four different views
+    assert one.shape == x.shape and one.min() >= 0 and one.max() <= 1

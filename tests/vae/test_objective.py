@@ -104,7 +104,9 @@ def test_free_bits_hold_each_dimension_at_its_floor_without_gradient():
     grad_mean = tape.gradient(term, mean).numpy()
     assert np.all(grad_mean[:, 1] == 0) and np.any(grad_mean[:, 0] != 0)
     # With no floor it is the plain mean KL.
-    np.testing.assert_allclose(float(free_bits_kl(mean, log_var, 0.0)), np.asarray(kl_divergence(mean, log_var)).mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(free_bits_kl(mean, log_var, 0.0)), np.asarray(kl_divergence(mean, log_var)).mean(), rtol=1e-5
+    )
 
 
 LOGITS = np.array([-60.0, -12.0, -3.0, -0.7, -1e-4, 0.0, 2e-4, 5e-4, 1e-3, 0.3, 1.5, 4.0, 20.0, 300.0], np.float32)
@@ -115,9 +117,17 @@ def cb_log_density(x, logits):
     from vae.objective import continuous_bernoulli_log_likelihood
 
     images = np.broadcast_to(x[:, None], (len(x), len(logits))).astype(np.float32)
-    return np.stack([np.asarray(continuous_bernoulli_log_likelihood(
-        images[:, j].reshape(-1, 1, 1, 1), np.full((len(x), 1, 1, 1), logits[j], np.float32)))
-        for j in range(len(logits))], axis=1)
+    return np.stack(
+        [
+            np.asarray(
+                continuous_bernoulli_log_likelihood(
+                    images[:, j].reshape(-1, 1, 1, 1), np.full((len(x), 1, 1, 1), logits[j], np.float32)
+                )
+            )
+            for j in range(len(logits))
+        ],
+        axis=1,
+    )
 
 
 def test_continuous_bernoulli_density_integrates_to_one_over_the_unit_interval():
@@ -127,7 +137,9 @@ def test_continuous_bernoulli_density_integrates_to_one_over_the_unit_interval()
     edges = np.linspace(0.0, 1.0, 65)
     x = np.concatenate([(a + b) / 2 + (b - a) / 2 * nodes for a, b in zip(edges[:-1], edges[1:], strict=True)])
     w = np.concatenate([(b - a) / 2 * weights for a, b in zip(edges[:-1], edges[1:], strict=True)])
-    mass = (np.exp(cb_log_density(x, LOGITS[np.abs(LOGITS) <= 20].astype(np.float64)).astype(np.float64)) * w[:, None]).sum(0)
+    mass = (
+        np.exp(cb_log_density(x, LOGITS[np.abs(LOGITS) <= 20].astype(np.float64)).astype(np.float64)) * w[:, None]
+    ).sum(0)
     np.testing.assert_allclose(mass, 1.0, atol=2e-4)
     # And it is finite (no NaN or Inf) for every logit, even far beyond that range.
     assert np.isfinite(cb_log_density(np.array([0.0, 0.3, 1.0]), LOGITS)).all()
@@ -143,7 +155,9 @@ def test_continuous_bernoulli_matches_its_closed_form():
     # Large |l|: C -> |l| (all mass in a sliver of width ~1/|l| at one end).
     from vae.objective import continuous_bernoulli_log_norm
 
-    np.testing.assert_allclose(np.asarray(continuous_bernoulli_log_norm(np.float32([300.0, -300.0]))), np.log(300.0), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(continuous_bernoulli_log_norm(np.float32([300.0, -300.0]))), np.log(300.0), rtol=1e-6
+    )
     # Across the switch to the series at |l| = 1e-3 the constant is continuous.
     near = np.float32([0.999e-3, 1.001e-3])
     values = np.asarray(continuous_bernoulli_log_norm(near)).astype(np.float64)
@@ -157,8 +171,9 @@ def test_continuous_bernoulli_pixel_mean_is_the_density_mean():
     edges = np.linspace(0.0, 1.0, 65)
     x = np.concatenate([(a + b) / 2 + (b - a) / 2 * nodes for a, b in zip(edges[:-1], edges[1:], strict=True)])
     w = np.concatenate([(b - a) / 2 * weights for a, b in zip(edges[:-1], edges[1:], strict=True)])
-    logits = np.array([-20.0, -3.0, -CB_SERIES_BELOW * 1.01, -CB_SERIES_BELOW * 0.99, -1e-3, 0.0, 0.2, 2.0, 9.0],
-                      np.float32)
+    logits = np.array(
+        [-20.0, -3.0, -CB_SERIES_BELOW * 1.01, -CB_SERIES_BELOW * 0.99, -1e-3, 0.0, 0.2, 2.0, 9.0], np.float32
+    )
     density = np.exp(cb_log_density(x, logits).astype(np.float64))
     numeric = (x[:, None] * density * w[:, None]).sum(0)
     mean = np.asarray(pixel_mean(logits, "continuous_bernoulli")).astype(np.float64)
@@ -209,3 +224,39 @@ def test_info_nce_uses_only_directions_and_is_symmetric_in_its_views():
     s = na @ nb.T / 0.3
     lse = lambda m, axis: np.log(np.exp(m).sum(axis=axis))  # noqa: E731
     np.testing.assert_allclose(loss, 0.5 * (lse(s, 1) + lse(s, 0)) - np.diag(s), rtol=1e-5)
+
+
+def objective_inputs(n=6, latent=3, seed=7):
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(size=(n, 28, 28, 1)).astype(np.float32)
+    logits = rng.normal(size=(n, 28, 28, 1)).astype(np.float32)
+    z_mean = rng.normal(scale=0.1, size=(n, latent)).astype(np.float32)
+    z_log_var = rng.normal(scale=0.1, size=(n, latent)).astype(np.float32) - 2.0
+    view_mean = z_mean + rng.normal(scale=0.5, size=(n, latent)).astype(np.float32)
+    return images, logits, z_mean, z_log_var, view_mean
+
+
+def test_training_objective_is_the_elbo_over_the_global_batch_plus_its_training_only_terms():
+    """Without tf.distribute: plain, with free bits (a floor above the small KL lifts
+    it), and with the contrastive term; the reported terms are always the true ELBO's."""
+    from vae import free_bits_kl, info_nce, training_objective
+
+    images, logits, z_mean, z_log_var, view_mean = objective_inputs()
+    loss, reconstruction, kl = (np.asarray(t) for t in neg_elbo(images, logits, z_mean, z_log_var))
+    plain, terms = training_objective(images, logits, z_mean, z_log_var, 12)
+    np.testing.assert_allclose(float(plain), loss.sum() / 12, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(terms[0]), loss)
+
+    floored, terms = training_objective(images, logits, z_mean, z_log_var, 12, free_bits=2.0)
+    floor = 6 * float(free_bits_kl(z_mean, z_log_var, 2.0))
+    assert floor > kl.sum()  # each dimension's KL is below 2 nats here, so the floor holds
+    np.testing.assert_allclose(float(floored), (reconstruction.sum() + floor) / 12, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(terms[2]), kl)
+
+    nce = np.asarray(info_nce(z_mean, view_mean, 0.2)).sum()
+    both, _ = training_objective(
+        images, logits, z_mean, z_log_var, 12, view_mean=view_mean, contrastive_weight=10.0, temperature=0.2
+    )
+    np.testing.assert_allclose(float(both), loss.sum() / 12 + 10.0 * nce / 12, rtol=1e-6)
+    off, _ = training_objective(images, logits, z_mean, z_log_var, 12, view_mean=view_mean, contrastive_weight=0.0)
+    assert float(off) == float(plain)

@@ -1,0 +1,1 @@
+"""The data: Fashion-MNIST sources (IDX files, tensorflow-datasets) and the Parquet dataset."""

@@ -1,0 +1,1 @@
+"""What a run reports: metrics, plots, the HTML report and the model card."""

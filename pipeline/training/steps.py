@@ -1,0 +1,116 @@
+"""The compiled TensorFlow functions of one worker: the training step and the two
+reductions across workers.
+
+Keras 3's `model.fit` fails under MultiWorkerMirroredStrategy (keras-team/keras#20585),
+so the step is written by hand: `strategy.run` inside a `tf.function`, the objective
+(vae.training_objective) summed and divided by the *global* batch, and a Keras 3
+optimizer built in the strategy scope (it all-reduces the gradients).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from pipeline.schema import IMAGE_SHAPE
+from pipeline.training.schedules import free_bits_schedule
+from pipeline.training.worker_context import Worker
+
+
+def weights_fingerprint(model) -> np.ndarray:
+    """Four exactly representable floats from a SHA-256 of every weight's bytes."""
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        digest.update(np.ascontiguousarray(variable.numpy()).tobytes())
+    return np.frombuffer(digest.digest()[:8], dtype=np.uint16).astype(np.float64)
+
+
+class Steps(NamedTuple):
+    """The compiled TensorFlow functions of one worker."""
+
+    train: Any  # (chunk, epoch, first_step) -> (this worker's sums, all weights finite)
+    sum_over_workers: Any  # (3,) float64 -> the same summed over every worker
+    replica_spread: Any  # weights fingerprint -> largest difference between replicas
+    free_bits: Any  # optimizer step -> the free-bits floor the step trains with
+
+
+def make_replica_step(worker: Worker, model, optimizer, free_bits):
+    """One replica's training step on (batch, 28, 28) uint8 images: forward, the
+    objective (vae.training_objective), backward and the optimizer's update; returns this
+    replica's summed (loss, reconstruction, kl) as float64."""
+    import tensorflow as tf
+
+    from vae import random_view, training_objective
+
+    train, batch = worker.config.train, worker.batch
+    latent_dim = model.config.latent_dim
+    uses_free_bits = train.free_bits > 0
+    contrastive = train.contrastive_weight > 0
+    scaled_loss = train.precision == "mixed_float16"
+
+    def replica_step(images, noise_seed):
+        # Pixels scaled to [0, 1] on the fly; (batch, 28, 28) -> (batch, 28, 28, 1).
+        x = tf.cast(images, tf.float32)[..., None] / 255.0
+        eps = tf.random.stateless_normal((batch, latent_dim), seed=noise_seed)
+        with tf.GradientTape() as tape:
+            z_mean, z_log_var, logits = model(x, training=True, eps=eps)
+            view_mean = model.encoder(random_view(x, noise_seed), training=True)[0] if contrastive else None
+            objective, (loss, reconstruction, kl) = training_objective(
+                x,
+                logits,
+                z_mean,
+                z_log_var,
+                worker.global_batch,
+                beta=model.config.beta,
+                likelihood=model.config.likelihood,
+                free_bits=free_bits(optimizer.iterations) if uses_free_bits else None,
+                view_mean=view_mean,
+                contrastive_weight=train.contrastive_weight,
+                temperature=train.contrastive_temperature,
+            )
+            if scaled_loss:
+                objective = optimizer.scale_loss(objective)
+        gradients = tape.gradient(objective, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        sums = tf.stack([tf.reduce_sum(loss), tf.reduce_sum(reconstruction), tf.reduce_sum(kl)])
+        return tf.cast(sums, tf.float64)
+
+    return replica_step
+
+
+def compile_steps(worker: Worker, strategy, model, optimizer) -> Steps:
+    """The training step (`strategy.run` inside a `tf.function`; Keras 3's `model.fit`
+    fails under MultiWorkerMirroredStrategy) and the two cross-worker reductions."""
+    import tensorflow as tf
+
+    config, batch = worker.config, worker.batch
+    free_bits = free_bits_schedule(config, worker.steps_per_epoch)
+    replica_step = make_replica_step(worker, model, optimizer, free_bits)
+
+    # A chunk of up to `steps_per_execution` batches runs as one TensorFlow call.
+    chunk_spec = tf.TensorSpec((None, batch, *IMAGE_SHAPE), tf.uint8)
+
+    @tf.function(input_signature=[chunk_spec, tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.int32)])
+    def train(chunk, epoch, first_step):
+        # The sums are added across workers once an epoch, not every step.
+        totals = tf.zeros(3, tf.float64)
+        for i in tf.range(tf.shape(chunk)[0]):
+            noise_seed = tf.stack([config.seed * 1_000_003 + epoch, (first_step + i) * worker.world + worker.rank])
+            per_replica = strategy.run(replica_step, args=(chunk[i], noise_seed))
+            totals += strategy.experimental_local_results(per_replica)[0]
+        finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in model.trainable_variables]))
+        return totals, finite
+
+    @tf.function
+    def sum_over_workers(local):
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(local)), axis=None)
+
+    @tf.function
+    def replica_spread(fingerprint):
+        # (world * 4,) -> (world, 4): every replica's fingerprint, on every worker.
+        gathered = tf.reshape(strategy.gather(strategy.run(lambda: tf.identity(fingerprint)), axis=0), (-1, 4))
+        return tf.reduce_max(tf.reduce_max(gathered, axis=0) - tf.reduce_min(gathered, axis=0))
+
+    return Steps(train, sum_over_workers, replica_spread, free_bits)

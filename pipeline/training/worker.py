@@ -1,0 +1,245 @@
+"""The per-worker training loop run by Ray Train (one process per worker).
+
+`train_func` reads as its steps: start the worker, build the model and optimizer,
+restore a checkpoint, compile the step (pipeline.training.steps), then per epoch run
+it over the shard (pipeline.training.shard_cache), measure it, and report it with a
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.schema import CHECKPOINT_PREFIX
+from pipeline.training.model_store import (
+    checkpoint_epoch,
+    find_latest_checkpoint,
+    restore_checkpoint,
+    write_checkpoint,
+)
+from pipeline.training.schedules import learning_rate_schedule, per_worker_batch
+from pipeline.training.shard_cache import ShardCache, chunked, streamed_batches
+from pipeline.training.steps import Steps, compile_steps, weights_fingerprint
+from pipeline.training.worker_context import Worker
+
+# All gradients go into one all-reduce per step instead of one per variable.
+ALLREDUCE_PACK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class EpochOutcome:
+    """Summed (loss, reconstruction, kl) over every worker, the steps run, and why the
+    epoch stopped early (None when it did not)."""
+
+    totals: np.ndarray
+    steps: int
+    seconds: float
+    diverged: str | None = None
+
+
+def train_func(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point. `loop_config` holds `config` (a Config dict),
+    `train_rows` (rows in the training split), `progress` (a queue actor or None),
+    `resume_from` (a checkpoint path or URI to start from, or None), `run_storage` (this
+    run's checkpoint storage) and `epoch_hook` (None, or a callable run at the start of
+    every epoch as `hook(epoch, rank, world, run_name)`: how tests inject faults).
+
+    If the weights (checked after every `steps_per_execution` steps) or an epoch's loss
+    stop being finite, every worker stops at the same point (the weights are the same on
+    every replica, and the loss sums are all-reduced) without reporting that epoch, and
+    rank 0 sends a `diverged` event naming the epoch and steps. It returns rather than
+    raises: Ray Train would retry a raised error, and a diverging run diverges again.
+    """
+    import ray.train
+
+    worker, strategy = start_worker(loop_config)
+    model, optimizer = build_model_and_optimizer(worker, strategy)
+    start_epoch, history = restore(model, optimizer, loop_config.get("resume_from"), loop_config.get("run_storage"))
+    worker.tell_driver({"event": "start", "epoch": start_epoch, "workers": worker.world, "time": time.time()})
+    steps = compile_steps(worker, strategy, model, optimizer)
+    shard, cache = ray.train.get_dataset_shard("train"), ShardCache()
+    for epoch in range(start_epoch, worker.config.train.epochs):
+        if loop_config.get("epoch_hook") is not None:
+            run_name = ray.train.get_context().get_experiment_name()
+            loop_config["epoch_hook"](epoch, worker.rank, worker.world, run_name)
+        outcome = run_epoch(worker, steps, shard, cache, epoch)
+        if outcome.diverged is not None:
+            worker.tell_driver(
+                {"event": "diverged", "message": divergence_message(worker.config, epoch, outcome.diverged)}
+            )
+            return
+        metrics = epoch_metrics(worker, steps, model, optimizer, epoch, outcome)
+        history = [*history, metrics]
+        report_epoch(worker, model, optimizer, history)
+        worker.tell_driver({"event": "epoch", **metrics})
+
+
+def start_worker(loop_config: dict[str, Any]):
+    """Threads, precision and seeds for this process; its `Worker` and the strategy."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    import ray.train
+    import tensorflow as tf
+
+    config = Config.from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    threads = config.train.cpus_per_worker
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    if config.train.precision != "float32":
+        keras.mixed_precision.set_global_policy(config.train.precision)
+    keras.utils.set_random_seed(config.seed)  # identical initial weights on every worker
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(bytes_per_pack=ALLREDUCE_PACK_BYTES)
+    )
+    batch = per_worker_batch(config.train.batch_size, world)
+    steps_per_epoch = (loop_config["train_rows"] // world) // batch
+    if steps_per_epoch < 1:  # the driver checks this before starting; a bug if reached
+        raise ValueError(f"{loop_config['train_rows']} rows give no batch of {batch} per worker")
+    worker = Worker(config, rank, world, batch, steps_per_epoch, loop_config.get("progress"))
+    return worker, strategy
+
+
+def build_model_and_optimizer(worker: Worker, strategy):
+    """The VAE and its Adam optimizer (loss-scaled under mixed_float16), built in the
+    strategy's scope so that the optimizer all-reduces gradients across workers."""
+    import keras
+
+    from vae import VAEConfig, build_vae
+
+    config = worker.config
+    with strategy.scope():
+        model = build_vae(VAEConfig.from_dict(config.model.architecture()), seed=config.seed)
+        optimizer = keras.optimizers.Adam(learning_rate_schedule(config, worker.steps_per_epoch))
+        if config.train.precision == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
+def restore(
+    model, optimizer, resume_from: str | None, run_storage: str | None = None
+) -> tuple[int, list[dict[str, Any]]]:
+    """The first epoch to run and the history so far. After a worker failure Ray Train
+    hands back the latest checkpoint its controller registered; on a fresh start an
+    earlier run's checkpoint may be given (`--resume`).
+
+    A node that dies after its worker uploaded a checkpoint but before the controller took
+    the report leaves a newer checkpoint in this run's storage (`run_storage`) than Ray
+    hands back. That one is used when it reads back whole, so the epoch is not trained
+    twice; a half-uploaded one fails `check_checkpoint` and Ray's is used."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and resume_from:
+        checkpoint = ray.train.Checkpoint(resume_from)
+    uploaded = find_latest_checkpoint(run_storage) if run_storage else None
+    registered = checkpoint_epoch(checkpoint.path) if checkpoint is not None else -1
+    if uploaded is not None and checkpoint_epoch(uploaded) > registered:
+        try:
+            return _restore_from(ray.train.Checkpoint(uploaded), model, optimizer)
+        except (PipelineError, OSError) as exc:
+            print(f"train: not resuming from {uploaded} ({exc}); using Ray's latest checkpoint", file=sys.stderr)
+    if checkpoint is None:
+        return 0, []
+    return _restore_from(checkpoint, model, optimizer)
+
+
+def _restore_from(checkpoint, model, optimizer) -> tuple[int, list[dict[str, Any]]]:
+    with checkpoint.as_directory() as directory:
+        info = restore_checkpoint(Path(directory), model, optimizer)
+    return info["epoch"] + 1, info["history"]
+
+
+def run_epoch(worker: Worker, steps: Steps, shard, cache: ShardCache, epoch: int) -> EpochOutcome:
+    """Train one epoch on this worker's shard (cached in memory after the first epoch)."""
+    import tensorflow as tf
+
+    config = worker.config
+    started = time.perf_counter()
+    totals, step = np.zeros(3), 0
+    shuffle_seed = config.seed * 100_003 + epoch * 1009 + worker.rank
+    if cache.images is not None:
+        batches = cache.epoch_batches(worker.batch, worker.steps_per_epoch, shuffle_seed)
+    else:
+        batches = streamed_batches(shard, worker.batch, shuffle_seed, cache)
+    # Every worker must run the same number of collective steps: the first
+    # steps_per_epoch batches train, the rest of a streamed shard is only cached.
+    for chunk in chunked(itertools.islice(batches, worker.steps_per_epoch), config.train.steps_per_execution):
+        sums, finite = steps.train(tf.constant(chunk), tf.constant(epoch), tf.constant(step))
+        if not bool(finite):
+            what = f"non-finite weights within steps {step + 1}-{step + len(chunk)} of {worker.steps_per_epoch}"
+            return EpochOutcome(totals, step, time.perf_counter() - started, what)
+        totals += sums.numpy()
+        step += len(chunk)
+    for _ in batches:
+        pass
+    cache.seal(min_rows=worker.steps_per_epoch * worker.batch)
+    totals = steps.sum_over_workers(tf.constant(totals, tf.float64)).numpy()
+    seconds = time.perf_counter() - started
+    if not np.isfinite(totals).all():
+        return EpochOutcome(totals, step, seconds, "non-finite loss")
+    return EpochOutcome(totals, step, seconds)
+
+
+def epoch_metrics(worker: Worker, steps: Steps, model, optimizer, epoch: int, outcome: EpochOutcome) -> dict[str, Any]:
+    """What the driver logs for the epoch; checks that every replica holds the same weights."""
+    import tensorflow as tf
+
+    images = outcome.steps * worker.global_batch
+    spread = float(steps.replica_spread(tf.constant(weights_fingerprint(model))).numpy())
+    return {
+        "epoch": epoch,
+        "loss": outcome.totals[0] / images,
+        "reconstruction": outcome.totals[1] / images,
+        "kl": outcome.totals[2] / images,
+        "images_per_s": images / outcome.seconds,
+        "epoch_time_s": outcome.seconds,
+        "learning_rate": float(np.asarray(optimizer.learning_rate)),
+        "free_bits": float(np.asarray(steps.free_bits(optimizer.iterations))),
+        "replicas_agree": spread == 0.0,
+        "workers": worker.world,
+    }
+
+
+def divergence_message(config: Config, epoch: int, what: str) -> str:
+    return (
+        f"training diverged: {what} in epoch {epoch + 1}; nothing from that epoch was kept "
+        f"(try a lower train.learning_rate than {config.train.learning_rate:g})"
+    )
+
+
+def report_epoch(worker: Worker, model, optimizer, history: list[dict[str, Any]]) -> None:
+    """Every worker reports (it is a barrier); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    metrics = history[-1]
+    if worker.rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="vae-ckpt-") as directory:
+        info = {
+            "epoch": metrics["epoch"],
+            "config": worker.config.to_dict(),
+            "architecture": worker.config.model.architecture(),
+            "metrics": metrics,
+            "history": history,
+        }
+        write_checkpoint(Path(directory), model, optimizer, info)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{metrics['epoch']:04d}",
+        )
