@@ -14,10 +14,19 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from deploy.artifact import ArtifactError
 from deploy.generator import Generator
 from deploy.png import SIGNATURE, write_grid
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors (a missing or misspelt option, a bad value) as the one line and exit
+    code 2 of every other user error, with where to look instead of the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog.split()[0]}: error: {message} (see {self.prog} --help)\n")
 
 
 def positive_int(text: str) -> int:
@@ -54,7 +63,7 @@ def write_atomically(path: Path, write) -> None:
 
 def serve_main(argv: list[str]) -> int:
     """`vae-generate serve`: the model over HTTP (deploy.serve; needs the `serve` extra)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="vae-generate serve", description="Serve an exported VAE over HTTP with Ray Serve.", allow_abbrev=False
     )
     parser.add_argument("--model", type=Path, required=True, help="artifact directory (export stage output)")
@@ -96,7 +105,7 @@ def serve_main(argv: list[str]) -> int:
 
 def web_main(argv: list[str]) -> int:
     """`vae-generate web`: the page in deploy/web/ with one artifact, on a local address."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="vae-generate web",
         description="Serve the browser page that runs the VAE with onnxruntime-web, with one artifact.",
         allow_abbrev=False,
@@ -134,9 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve_main(argv[1:])
     if argv[:1] == ["web"]:
         return web_main(argv[1:])
-    parser = argparse.ArgumentParser(
-        prog="vae-generate", description="Sample images from an exported VAE.", allow_abbrev=False
-    )
+    parser = OneLineParser(prog="vae-generate", description="Sample images from an exported VAE.", allow_abbrev=False)
     parser.add_argument("--model", type=Path, required=True, help="artifact directory (export stage output)")
     parser.add_argument("--n", type=positive_int, default=64, help="number of images (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -181,6 +181,11 @@ def read_png(data: bytes) -> np.ndarray:
                     f"the PNG must be {IMAGE_SHAPE[1]}x{IMAGE_SHAPE[0]} pixels, got {image.size[0]}x{image.size[1]}"
                 )
             pixels = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except Image.DecompressionBombError as exc:
+        # Pillow refuses on open any image of over twice its MAX_IMAGE_PIXELS (a few hundred
+        # bytes can declare 20000x20000): a request too large, not a server error.
+        size = f"{IMAGE_SHAPE[1]}x{IMAGE_SHAPE[0]}"
+        raise BadRequest(f"the PNG is far larger than {size} pixels ({str(exc).split(',')[0]})", 413) from exc
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise BadRequest("the body is not a readable PNG image", 415) from exc
     return pixels[None]

@@ -12,6 +12,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from pipeline import __version__
 from pipeline.config import Config, load_config
@@ -19,6 +20,14 @@ from pipeline.errors import PipelineError
 from pipeline.schema import CLUSTER_RUNS_ROOT
 
 log = logging.getLogger("pipeline")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors (a missing or misspelt option, a bad value) as the one line and exit
+    code 2 of every other user error, with where to look instead of the usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog.split()[0]}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -206,7 +215,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="vae-pipeline",
         allow_abbrev=False,
         description="Train a convolutional VAE on Fashion-MNIST with Ray Train and export it to ONNX.",

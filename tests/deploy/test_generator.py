@@ -191,6 +191,27 @@ def test_vae_generate_bad_artifact_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and "no SHA256SUMS" in err[0]
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--model", "m", "--out", "x.png", "--n", "0"],
+            "vae-generate: error: argument --n: must be a positive integer",
+        ),
+        (["--out", "x.png"], "vae-generate: error: the following arguments are required: --model"),
+        (["serve", "--model", "m", "--port", "0"], "(see vae-generate serve --help)"),
+    ],
+)
+def test_vae_generate_usage_errors_are_one_line_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        generate_main(argv)
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert message in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_one_image_and_wrong_argument_types_are_clear_value_errors(generator):
     with pytest.raises(ValueError, match=r"got one image of shape \(28, 28, 1\): pass images\[None\]"):
         generator.encode(np.zeros((28, 28, 1), np.float32))

@@ -5,11 +5,13 @@ import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -134,6 +136,17 @@ def png_of(pixels):
     return buffer.getvalue()
 
 
+def declared_png(width, height):
+    """A 69-byte PNG that declares `width` x `height` 8-bit grey pixels (a decompression
+    bomb: Pillow reads the size on open, before any pixel)."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(bytes(100))) + chunk(b"IEND", b"")
+
+
 def test_every_route(server, generator):
     assert ok_json(call(server, "GET", "/healthz")) == {"status": "ok"}
     card = ok_json(call(server, "GET", "/v1/model"))
@@ -215,6 +228,7 @@ BAD = [
     ("bad format", "POST", "/v1/sample", {"format": "gif"}, "application/json", 400, "format must be 'json' or 'png'"),
     ("not an image", "POST", "/v1/encode", b"this is not a PNG", "image/png", 415, "not a readable PNG"),
     ("wrong image size", "POST", "/v1/encode", "png 10x10", "image/png", 400, "must be 28x28 pixels, got 10x10"),
+    ("decompression bomb", "POST", "/v1/encode", "png of 20000x20000", "image/png", 413, "far larger than 28x28"),
     (
         "pixels out of range",
         "POST",
@@ -235,6 +249,8 @@ def test_bad_input_is_a_4xx_with_a_json_error_and_the_replica_lives(server, case
     _, method, path, body, content_type, status, message = case
     if body == "png 10x10":
         body = png_of(np.zeros((10, 10), np.uint8))
+    if body == "png of 20000x20000":
+        body = declared_png(20000, 20000)
     pid = ok_json(call(server, "GET", "/v1/stats"))["replica_pid"]
     got_status, kind, raw = call(server, method, path, body, content_type)
     assert (got_status, kind) == (status, "application/json"), raw[:300]

@@ -30,6 +30,24 @@ def test_misspelt_flag_is_an_error(capsys):
     assert "unrecognized arguments: --epoch" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--out", "X"], "the following arguments are required: --data (see vae-pipeline train --help)"),
+        (["trian"], "argument COMMAND: invalid choice: 'trian'"),
+        (["ingest", "--out", "o", "--limit", "ten"], "argument --limit: invalid int value: 'ten'"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("vae-pipeline: error: ") and message in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_flags_override_set_and_file(tmp_path):
     from pipeline.cli import TRAIN_FLAGS, build_config, make_parser
 
