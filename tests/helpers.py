@@ -109,3 +109,15 @@ class CrashOnce:
             marker.touch()
             time.sleep(self.delay_s)
             os._exit(17)
+
+
+def usage_error_line(main, argv: list[str], capsys) -> str:
+    """The one line a command line's `main(argv)` prints for a usage error, which must
+    exit with status 2."""
+    import pytest
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    return line

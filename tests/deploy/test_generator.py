@@ -8,6 +8,7 @@ import pytest
 
 from deploy import ArtifactError, Generator
 from deploy.cli import main as generate_main
+from tests.helpers import usage_error_line
 
 
 @pytest.fixture(scope="module")
@@ -204,11 +205,7 @@ def test_vae_generate_bad_artifact_is_one_line(tmp_path, capsys):
 )
 def test_vae_generate_usage_errors_are_one_line_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as info:
-        generate_main(argv)
-    assert info.value.code == 2
-    [line] = capsys.readouterr().err.strip().splitlines()
-    assert message in line
+    assert message in usage_error_line(generate_main, argv, capsys)
     assert list(tmp_path.iterdir()) == []
 
 

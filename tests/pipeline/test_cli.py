@@ -1,6 +1,7 @@
 import pytest
 
 from pipeline.cli import main
+from tests.helpers import usage_error_line
 
 
 @pytest.mark.parametrize(
@@ -40,10 +41,7 @@ def test_misspelt_flag_is_an_error(capsys):
 )
 def test_usage_errors_are_one_line_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    [line] = capsys.readouterr().err.strip().splitlines()
+    line = usage_error_line(main, argv, capsys)
     assert line.startswith("vae-pipeline: error: ") and message in line
     assert list(tmp_path.iterdir()) == []
 
