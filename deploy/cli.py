@@ -36,6 +36,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
 def check_out(path: Path) -> None:
     """`--out` may be new or an existing PNG file; a directory or any other file is refused."""
     if path.is_dir():
@@ -66,7 +73,18 @@ def serve_main(argv: list[str]) -> int:
     parser = OneLineParser(
         prog="vae-generate serve", description="Serve an exported VAE over HTTP with Ray Serve.", allow_abbrev=False
     )
-    parser.add_argument("--model", type=Path, required=True, help="artifact directory (export stage output)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="artifact directory, run directory, or a pointer such as RUNS/champion (followed as it moves)",
+    )
+    parser.add_argument(
+        "--watch-s",
+        type=seconds,
+        default=5.0,
+        help="how often to check whether --model names another artifact (default 5; 0: never)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=positive_int, default=8000, help="port (default 8000)")
     parser.add_argument("--replicas", type=positive_int, default=1, help="Serve replicas (default 1)")
@@ -94,7 +112,7 @@ def serve_main(argv: list[str]) -> int:
         return 2
     limits = Limits(args.max_body_bytes, args.max_rows, args.max_batch_size, args.batch_wait_ms / 1000)
     try:
-        serve_forever(args.model, args.host, args.port, args.replicas, limits, args.address, args.ingress)
+        serve_forever(args.model, args.host, args.port, args.replicas, limits, args.address, args.ingress, args.watch_s)
     except (ArtifactError, ValueError, OSError) as exc:
         print(f"vae-generate: error: {exc}", file=sys.stderr)
         return 2

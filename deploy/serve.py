@@ -7,7 +7,7 @@ Routes (JSON in and out unless said; every error is a 4xx with `{"error": "..."}
     POST /v1/sample   {"n": 16, "seed": 0, "temperature": 1.0, "format": "png" | "json"}
     POST /v1/encode   a 28x28 PNG (Content-Type: image/png), or {"images": N x 28 x 28 in [0, 1]}
                       -> {"z_mean": [...], "z_log_var": [...]}
-    GET  /v1/model    the model card's facts
+    GET  /v1/model    the model card's facts, and which artifact and run are served
     GET  /v1/stats    how many requests each onnxruntime decode call carried
     GET  /healthz     {"status": "ok"}
 
@@ -16,6 +16,10 @@ Serve's request batching (`@serve.batch`, waiting at most `batch_wait_s` (2 ms) 
 Limits: the request body (`max_body_bytes`), rows per request (`max_rows`), and Serve's
 request timeout. `Limits` reaches each replica as the deployment's `user_config`, so
 `reconfigure` applies it, batching included, and a new one applies without a restart.
+The same hook swaps the model: a `user_config` whose `model` names another artifact
+directory loads it, verified, beside the one serving, then takes it in one assignment
+(requests in flight finish on the old one); deploy.serve_process does this when the
+pointer it follows (`--model RUNS/champion`) moves.
 This module and deploy.serve_process (which starts Ray, runs this application and stops
 it) are the only parts of `deploy` that import Ray (install the `serve` extra for them).
 """
@@ -39,6 +43,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deploy.artifact import IMAGE_SHAPE, MODEL_CARD_JSON, ArtifactError
+from deploy.follow import served_from
 from deploy.generator import Generator
 from deploy.png import write_grid
 
@@ -91,6 +96,7 @@ def model_facts(artifact_dir: Path, generator: Generator) -> dict[str, Any]:
         card = {}
     facts = {key: card[key] for key in CARD_FACTS if key in card}
     facts.update(latent_dim=generator.latent_dim, providers=generator.providers, class_names=generator.class_names)
+    facts["served"] = served_from(artifact_dir)
     return facts
 
 
@@ -198,13 +204,22 @@ def read_png(data: bytes) -> np.ndarray:
 class VAEService:
     def __init__(self, artifact_dir: str):
         self.limits = Limits()
+        self.artifact_dir = artifact_dir
         self.generator = Generator(artifact_dir, providers="auto")
         self.card = model_facts(Path(artifact_dir), self.generator)
         self.batch_sizes: Counter[int] = Counter()
 
-    def reconfigure(self, limits: dict[str, Any]) -> None:
-        """Serve's `user_config` hook: the limits, and with them the request batching."""
-        self.limits = Limits(**limits)
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve's `user_config` hook: the limits, and with them the request batching; and,
+        when `model` names another artifact, that model."""
+        config = dict(config)
+        model = config.pop("model", None)
+        if model is not None and model != self.artifact_dir:
+            generator = Generator(model, providers="auto")  # verified before it serves
+            card = model_facts(Path(model), generator)
+            # One assignment each: a request sees the old model or the new, never half.
+            self.generator, self.card, self.artifact_dir = generator, card, model
+        self.limits = Limits(**config)
         self.decode_batched.set_max_batch_size(self.limits.max_batch_size)
         self.decode_batched.set_batch_wait_timeout_s(self.limits.batch_wait_s)
 
@@ -264,12 +279,18 @@ class VAEService:
         return {"z_mean": z_mean.tolist(), "z_log_var": z_log_var.tolist()}
 
 
-def build(artifact_dir: str | Path, replicas: int = 1, limits: Limits | None = None):
+def build(artifact_dir: str | Path, replicas: int = 1, limits: Limits | None = None, model: str | Path | None = None):
     """The Serve application, ready for `serve.run`. The artifact is checked here first,
-    so that a bad one fails at once with ArtifactError rather than in a replica."""
-    Generator(artifact_dir, providers="cpu", parallel=1).close()
+    so that a bad one fails at once with ArtifactError rather than in a replica.
+
+    `model`, another artifact directory, is what the replicas serve instead of
+    `artifact_dir` (the one they started with): run again with the same `artifact_dir`,
+    the application changes only its `user_config`, and Serve applies that to the
+    running replicas through `reconfigure`, without restarting them."""
+    model = Path(model or artifact_dir).resolve()
+    Generator(model, providers="cpu", parallel=1).close()
     limits = limits or Limits()
-    options = {"num_replicas": replicas, "user_config": asdict(limits)}
+    options = {"num_replicas": replicas, "user_config": {**asdict(limits), "model": str(model)}}
     return VAEService.options(**options).bind(str(Path(artifact_dir).resolve()))
 
 

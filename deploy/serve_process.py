@@ -1,14 +1,24 @@
 """The process behind `vae-generate serve`: start Ray (or join one), run the Serve
 application of deploy.serve until SIGINT or SIGTERM, then stop it, and the HAProxy
-ingress a local Ray leaves behind, without being cut short by a second signal."""
+ingress a local Ray leaves behind, without being cut short by a second signal.
+
+While it serves, it asks every `watch_s` seconds which artifact `--model` names
+(deploy.follow: `RUNS/champion` moves when the pipeline promotes a run). When that
+changes, the new artifact is verified here and handed to the replicas as `user_config`,
+which they apply in place (deploy.serve); one that fails verification is refused with a
+warning and the model serving goes on serving."""
 
 import os
 import shutil
 import signal
+import sys
+import time
 from pathlib import Path
 
 from ray import serve
 
+from deploy.artifact import ArtifactError
+from deploy.follow import resolve_artifact
 from deploy.serve import APP_NAME, Limits, build
 
 # After Ray's shutdown, how long no new HAProxy of ours may appear before serving stops.
@@ -32,16 +42,51 @@ def choose_ingress(ingress: str) -> str:
     return ingress
 
 
+class Follower:
+    """Re-reads which artifact `model` names and moves the application to it."""
+
+    def __init__(self, model: Path, replicas: int, limits: Limits):
+        self.model, self.replicas, self.limits = model, replicas, limits
+        self.first = self.serving = resolve_artifact(model)
+        self.refused: Path | None = None
+
+    def application(self):
+        return build(self.first, self.replicas, self.limits, model=self.serving)
+
+    def check(self) -> None:
+        """Serve what `model` names now, if that changed and it verifies."""
+        target = resolve_artifact(self.model)
+        if target in (self.serving, self.refused):
+            return
+        try:
+            application = build(self.first, self.replicas, self.limits, model=target)
+        except (ArtifactError, OSError, ValueError) as exc:
+            self.refused = target
+            print(f"vae-generate serve: warning: not switching to {target}: {exc}", file=sys.stderr, flush=True)
+            return
+        started = time.monotonic()
+        serve.run(application, name=APP_NAME, route_prefix="/")
+        print(f"now serving {target} (swapped in {time.monotonic() - started:.1f} s)", flush=True)
+        self.serving, self.refused = target, None
+
+
 def serve_forever(
-    artifact_dir: Path, host: str, port: int, replicas: int, limits: Limits, address: str | None, ingress: str = "auto"
+    artifact_dir: Path,
+    host: str,
+    port: int,
+    replicas: int,
+    limits: Limits,
+    address: str | None,
+    ingress: str = "auto",
+    watch_s: float = 5.0,
 ) -> None:
     """Start Ray (or join `address`), run the application on host:port, and block until
-    interrupted; then shut Serve down."""
-    import time
-
+    interrupted, following `artifact_dir` every `watch_s` seconds (0: never); then shut
+    Serve down."""
     import ray
 
-    application = build(artifact_dir, replicas, limits)
+    follower = Follower(Path(artifact_dir), replicas, limits)
+    application = follower.application()
     ingress = choose_ingress(ingress)
     # "local": a new Ray of our own, never one that happens to run on this machine.
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
@@ -54,12 +99,14 @@ def serve_forever(
         serve.start(http_options={"host": host, "port": port, "request_timeout_s": 30})
         serve.run(application, name=APP_NAME, route_prefix="/")
         print(
-            f"serving {artifact_dir} on http://{host}:{port} ({replicas} replica{'s' * (replicas != 1)}, "
+            f"serving {follower.serving} on http://{host}:{port} ({replicas} replica{'s' * (replicas != 1)}, "
             f"{ingress} ingress); Ctrl-C or SIGTERM stops",
             flush=True,
         )
         while True:
-            time.sleep(3600)
+            time.sleep(watch_s or 3600)
+            if watch_s:
+                follower.check()
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
         # On a cluster of its own the application goes with Ray (Serve's own shutdown

@@ -1,12 +1,14 @@
 """The `vae-pipeline` command line: builds a Config and calls one stage function.
 
 User errors (PipelineError) print one line and exit 2 (with `--verbose`, the traceback
-first); bugs keep their traceback.
+first); a run that completes but fails the gate, one line and exit 3; bugs keep their
+traceback (exit 1); an interrupt exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -160,6 +162,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from pipeline.runs.listing import format_rows, list_runs
+
+    rows = list_runs(args.runs_root)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print("\n".join(format_rows(rows)))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from pipeline.runs.pointers import resolve_run
+    from pipeline.runs.promotion import promote
+
+    location = resolve_run(args.run)
+    replaced = promote(location)
+    print(f"champion: {location} (was {replaced or 'none'})")
+    return 0
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from pipeline.runs.fetch import fetch
 
@@ -288,7 +311,8 @@ def _add_run_commands(sub) -> None:
     p.add_argument(
         "--runs-root",
         default=os.environ.get("VAE_PIPELINE_RUNS", "runs"),  # read once, here
-        help="directory or object-store URI where new runs and `latest` go (default: $VAE_PIPELINE_RUNS or ./runs)",
+        help="directory or object-store URI holding the runs, `latest` and `champion` "
+        "(default: $VAE_PIPELINE_RUNS or ./runs)",
     )
     p.add_argument("--force", metavar="STAGE", help="rerun STAGE and every stage after it")
     _add_config_args(p)
@@ -308,11 +332,27 @@ def _add_run_commands(sub) -> None:
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("fetch", help="copy a finished run's artifact here and verify it", allow_abbrev=False)
-    p.add_argument("run", help="run directory or URI, or RUNS/latest (e.g. s3://bucket/runs/latest)")
+    p.add_argument("run", help="run directory or URI, or RUNS/champion or RUNS/latest (e.g. s3://bucket/runs/champion)")
     p.add_argument(
         "--out", type=Path, required=True, help="artifact directory to write (new, empty, or an earlier fetch)"
     )
     p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("runs", help="list the runs under RUNS with their numbers and pointers", allow_abbrev=False)
+    p.add_argument(
+        "runs_root",
+        nargs="?",
+        default=os.environ.get("VAE_PIPELINE_RUNS", "runs"),
+        help="directory or object-store URI (default: $VAE_PIPELINE_RUNS or ./runs)",
+    )
+    p.add_argument("--json", action="store_true", help="a JSON list instead of the table")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser(
+        "promote", help="make a complete run the champion (a rollback, or over the gate)", allow_abbrev=False
+    )
+    p.add_argument("run", help="run directory or URI (in its runs root), e.g. runs/run-20261205-020000")
+    p.set_defaults(func=cmd_promote)
 
     for name, func, text in (
         ("status", cmd_status, "a submitted job's status"),
@@ -347,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exception(exc, file=sys.stderr)
         print(f"vae-pipeline: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("vae-pipeline: interrupted", file=sys.stderr)
         return 130

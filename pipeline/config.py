@@ -200,6 +200,38 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    """What a finished run's model must meet before `champion` names it (pipeline.runs.gate)."""
+
+    max_neg_elbo: float | None = None  # test negative ELBO at most this (nats); None: no limit
+    min_knn_accuracy: float | None = None  # 5-NN accuracy at least this; None: no limit
+    max_onnx_difference: float = 1e-4  # max |onnxruntime - Keras| measured at export
+    # No worse than the champion by more than these: just above the default's seed spread.
+    neg_elbo_tolerance: float = 0.3
+    knn_tolerance: float = 0.005
+
+    def __post_init__(self) -> None:
+        _check(self.max_onnx_difference > 0, "gate.max_onnx_difference", "must be > 0")
+        _check(self.neg_elbo_tolerance >= 0, "gate.neg_elbo_tolerance", "must be >= 0")
+        _check(0 <= self.knn_tolerance <= 1, "gate.knn_tolerance", "must be in [0, 1]")
+        if self.min_knn_accuracy is not None:
+            _check(0 <= self.min_knn_accuracy <= 1, "gate.min_knn_accuracy", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking and model registry (pipeline.runs.tracking; the `tracking` extra)."""
+
+    uri: str | None = None  # e.g. http://mlflow:5000; None: $MLFLOW_TRACKING_URI, else off
+    experiment: str = "vae-pipeline"
+    registered_model: str = "fashion-mnist-vae"  # the registry name; `champion` is its alias
+
+    def __post_init__(self) -> None:
+        _check(bool(self.experiment.strip()), "tracking.experiment", "must not be empty")
+        _check(bool(self.registered_model.strip()), "tracking.registered_model", "must not be empty")
+
+
+@dataclass(frozen=True)
 class RayConfig:
     """Which Ray every stage that uses one (train, evaluate) connects to."""
 
@@ -218,6 +250,8 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists); `from_dict` reads it back."""

@@ -11,9 +11,19 @@ _REMOTE_LINE = re.compile(r"^pipeline\.errors\.PipelineError: (.+)$", re.MULTILI
 class PipelineError(Exception):
     """A problem the user can fix (bad input, bad config, unreachable cluster).
 
-    The CLI prints its message on one line, without a traceback, and exits 2.
-    Bugs raise anything else and keep their traceback.
+    The CLI prints its message on one line, without a traceback, and exits with
+    `exit_code` (2). Bugs raise anything else and keep their traceback.
     """
+
+    exit_code = 2
+
+
+class GateRejected(PipelineError):
+    """A run completed, but its model did not pass the gate (pipeline.runs.gate): kept for
+    inspection, not promoted. Its own exit code, so that a scheduler can tell it from bad
+    input (2) and from a crash (1)."""
+
+    exit_code = 3
 
 
 def find_user_error(error: BaseException) -> PipelineError | None:

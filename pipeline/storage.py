@@ -200,6 +200,17 @@ class Store:
 
         return self._retry(listing, "cannot list", relative)
 
+    def list_directories(self) -> list[str]:
+        """The names of the directories (prefixes, in a store) directly below this one, sorted."""
+        import pyarrow.fs as pafs
+
+        def listing() -> list[str]:
+            selector = pafs.FileSelector(self.root, recursive=False, allow_not_found=True)
+            infos = self.filesystem.get_file_info(selector)
+            return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+        return self._retry(listing, "cannot list", "")
+
     def is_empty(self) -> bool:
         return not self.list_files()
 

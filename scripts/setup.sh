@@ -21,7 +21,7 @@ if [ ${#packages[@]} -gt 0 ]; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[train,serve,dev]"
+.venv/bin/python -m pip install -q -e ".[train,serve,tracking,dev]"
 # The JavaScript packages, exactly as locked, from the npm registry only (deploy/node/.npmrc
 # stops onnxruntime-node fetching its CUDA provider from elsewhere); then the page's build
 # step copies onnxruntime-web's files into deploy/web/ort/, which the page is served from.

@@ -47,3 +47,13 @@ def test_the_image_shape_is_one_fact_across_packages_that_may_not_import_each_ot
     from vae.config import VAEConfig
 
     assert VAEConfig().image_shape == IMAGE_SHAPE == IMAGE_TENSOR_SHAPE
+
+
+def test_the_run_layout_deploy_follows_is_the_pipelines():
+    """`deploy.follow` finds a run's artifact without importing the pipeline: its names
+    for run.json and the artifact directory must be the pipeline's."""
+    from deploy import follow
+    from pipeline.schema import RUN_FILE
+    from pipeline.stages import stage
+
+    assert (follow.RUN_FILE, follow.ARTIFACT_DIR) == (RUN_FILE, stage("export").directory)

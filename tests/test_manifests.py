@@ -73,7 +73,7 @@ def test_rayservice_serves_the_fetched_artifact_with_deploy_serve(tmp_path):
         (fetch,) = pod["initContainers"]
         argv = [arg.replace("$(VAE_PIPELINE_RUNS)", "s3://my-bucket/vae-runs") for arg in fetch["args"]]
         args = parses(argv)
-        assert args.command == "fetch" and args.run == "s3://my-bucket/vae-runs/latest"
+        assert args.command == "fetch" and args.run == "s3://my-bucket/vae-runs/champion"
         assert str(args.out) == application["args"]["model"]
         mounts = {m["mountPath"] for c in [fetch, *pod["containers"]] for m in c["volumeMounts"]}
         assert mounts == {application["args"]["model"]}

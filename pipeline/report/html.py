@@ -7,6 +7,9 @@ import html
 from pathlib import Path
 from typing import Any
 
+# Where the gate's decision goes once the run is judged (pipeline.runs.promotion).
+GATE_START, GATE_END = "<!-- gate -->", "<!-- /gate -->"
+
 
 def _row(name: str, value: Any) -> str:
     if isinstance(value, float):
@@ -56,6 +59,34 @@ figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 460px; }}
 {_table("Context", report["context"])}
 {_table("Latent clustering", report["clustering"])}
 {_table("Posterior", posterior)}
+{GATE_START}{GATE_END}
 <h2>Plots</h2>{images}
 </body></html>
 """
+
+
+def gate_section(decision: dict[str, Any]) -> str:
+    """The gate's decision as HTML: passed or not and why, and the numbers compared."""
+    verdict = "passed" if decision.get("passed") else "failed"
+    if decision.get("how") == "manual":
+        verdict += ", promoted by hand"
+    elif decision.get("promoted"):
+        verdict += ", promoted to champion"
+    reasons = "".join(f"<li>{html.escape(reason)}</li>" for reason in decision.get("reasons", []))
+    champion = decision.get("champion") or {}
+    rows = {f"this run: {k}": v for k, v in decision.get("metrics", {}).items()}
+    rows.update({f"champion {champion.get('run')}: {k}": v for k, v in champion.get("metrics", {}).items()})
+    css = "good" if decision.get("passed") else "bad"
+    return (
+        f"<h2>Gate</h2><p class={css}>Gate {html.escape(verdict)}. {html.escape(decision.get('note', ''))}</p>"
+        f"{f'<ul>{reasons}</ul>' if reasons else ''}{_table('Gate numbers', rows)}"
+    )
+
+
+def with_gate_section(page: str, decision: dict[str, Any]) -> str:
+    """`page` (a report.html) with its gate section replaced by this decision."""
+    section = GATE_START + gate_section(decision) + GATE_END
+    if GATE_START in page and GATE_END in page:
+        head, rest = page.split(GATE_START, 1)
+        return head + section + rest.split(GATE_END, 1)[1]
+    return page.replace("</body>", section + "</body>", 1)

@@ -1,6 +1,6 @@
 """`vae-pipeline fetch RUN --out DIR`: a finished run's artifact, copied and verified.
 
-RUN is a run directory or URI, or RUNS/latest. The run must record its export stage
+RUN is a run directory or URI, or RUNS/champion or RUNS/latest. The run must record its export stage
 complete; the copy must match every checksum in its SHA256SUMS, and that file must be
 the one run.json recorded. DIR must be new, empty or an earlier fetched artifact; it is
 written through a temporary directory, so a cut-off copy never appears there.
@@ -15,8 +15,8 @@ from pathlib import Path
 from deploy.artifact import ArtifactError, sha256_file, verify_checksums
 from pipeline.errors import PipelineError
 from pipeline.outputs import stage_output
-from pipeline.runs.latest import resolve_run
 from pipeline.runs.loop import is_run_record
+from pipeline.runs.pointers import resolve_run
 from pipeline.schema import CHECKSUMS_FILE, RUN_FILE, RUN_FORMAT
 from pipeline.stages import stage
 from pipeline.storage import Store

@@ -1,7 +1,7 @@
-"""A run in a directory on this machine: RUNS/run-YYYYmmdd-HHMMSS, and RUNS/latest a link.
+"""A run in a directory on this machine: RUNS/run-YYYYmmdd-HHMMSS.
 
-RUN must be new, empty or a run directory; RUNS/latest is replaced only when it is a
-symbolic link.
+RUN must be new, empty or a run directory. (RUNS/latest and RUNS/champion, symbolic
+links, move after the run: pipeline.runs.promotion.)
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.files import read_json
-from pipeline.runs.latest import check_latest_link, point_latest_link
-from pipeline.runs.loop import RunResult, is_run_record, run_stages
+from pipeline.runs.loop import RunObserver, RunResult, is_run_record, run_stages
 from pipeline.schema import RUN_FILE, RUN_FORMAT
 
 log = logging.getLogger(__name__)
@@ -50,18 +49,12 @@ def check_run_dir(run_dir: Path) -> None:
         )
 
 
-def run_local(config: Config, runs_root: Path, run_dir: Path | None, force: str | None, verbose: bool) -> RunResult:
+def run_local(config: Config, run_dir: Path, force: str | None, verbose: bool, observer: RunObserver) -> RunResult:
     """`run_pipeline` for a run directory on this machine."""
-    run_dir = choose_run_dir(runs_root, run_dir)
     check_run_dir(run_dir)
-    in_runs_root = run_dir.parent.resolve() == Path(runs_root).resolve()
-    if in_runs_root:
-        check_latest_link(runs_root)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PipelineError(f"{run_dir}: cannot create ({exc.strerror or exc})") from exc
-    if in_runs_root:
-        point_latest_link(runs_root, run_dir)
     log.info("run: %s", run_dir)
-    return run_stages(config, run_dir, force, verbose)
+    return run_stages(config, run_dir, force, verbose, observer=observer)

@@ -75,6 +75,24 @@ class RecordSink:
         return None
 
 
+class RunObserver:
+    """Who follows a run as it goes (pipeline.runs.tracking): told when it starts, each
+    epoch's metrics as they reach the driver, each stage whose output is ready (run or
+    cached), and the end. The loop never waits on or fails because of an observer."""
+
+    def run_started(self, location: str, record: dict[str, Any]) -> None:
+        """The run began (or resumed); `record` is its run.json."""
+
+    def epoch(self, metrics: dict[str, Any]) -> None:
+        """A training epoch ended."""
+
+    def stage_ready(self, spec: Stage, directory: Path) -> None:
+        """A stage's output is complete in `directory`."""
+
+    def run_ended(self, record: dict[str, Any]) -> None:
+        """The run stopped: `record["status"]` says how."""
+
+
 def stage_key(spec: Stage, config: Config, record: dict[str, Any]) -> str:
     """Hash of the stage's config sections and its upstream stages' output hashes."""
     inputs: dict[str, Any] = config.inputs(spec.sections)
@@ -111,6 +129,7 @@ def load_record(run_dir: Path, config: Config) -> dict[str, Any]:
             "git_commit": git_commit(),
             "status": "running",
             "pid": os.getpid(),
+            "host": platform.node(),
         }
     )
     return record
@@ -136,8 +155,9 @@ def error_line(exc: BaseException) -> str:
 class Run:
     """One pass of the loop over a run directory: its record, and where it is mirrored."""
 
-    def __init__(self, config: Config, run_dir: Path, sink: RecordSink, verbose: bool):
+    def __init__(self, config: Config, run_dir: Path, sink: RecordSink, verbose: bool, observer: RunObserver):
         self.config, self.run_dir, self.sink, self.verbose = config, run_dir, sink, verbose
+        self.observer = observer
         self.location = sink.location or str(run_dir)
         self.record = load_record(run_dir, config)
         self.record.setdefault("started", time.time())
@@ -190,7 +210,9 @@ class Run:
         log.info("run: %s: %s", spec.name, "resuming from its latest checkpoint" if resume else "running")
         try:
             parquet = self.sink.data_location(self.run_dir / stage("ingest").directory)
-            spec.module().run_in(StageRun(self.config, self.run_dir, resume, self.verbose, parquet))
+            spec.module().run_in(
+                StageRun(self.config, self.run_dir, resume, self.verbose, parquet, on_epoch=self.observer.epoch)
+            )
             output = output_sha256(self.run_dir, spec)
             # Uploaded (for a remote run) before run.json may say complete: an upload cut
             # off leaves the stage "running", never complete.
@@ -218,17 +240,23 @@ class Run:
             if spec.name not in forced and self.is_cached(spec, key):
                 log.info("run: %s: up to date, skipped", spec.name)
                 self.record["stages"][spec.name]["skipped"] = True
-                continue
-            resume = spec.name not in forced and self.can_resume(spec, key)
-            self.execute(spec, key, resume)
+            else:
+                self.execute(spec, key, spec.name not in forced and self.can_resume(spec, key))
+            self.observer.stage_ready(spec, self.run_dir / spec.directory)
 
 
 def run_stages(
-    config: Config, run_dir: Path, force: str | None, verbose: bool, sink: RecordSink | None = None
+    config: Config,
+    run_dir: Path,
+    force: str | None,
+    verbose: bool,
+    sink: RecordSink | None = None,
+    observer: RunObserver | None = None,
 ) -> RunResult:
     """The stages in `run_dir`, which exists and may hold an earlier run.json."""
-    run = Run(config, run_dir, sink or RecordSink(), verbose)
+    run = Run(config, run_dir, sink or RecordSink(), verbose, observer or RunObserver())
     run.save()
+    run.observer.run_started(run.location, run.record)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         run.walk(force)
@@ -241,10 +269,12 @@ def run_stages(
         signal.signal(signal.SIGTERM, previous)
         run.record["ended"] = time.time()
         run.record.pop("pid", None)
+        run.record.pop("host", None)
         # A failed final write must not hide the error that ended the run.
         complete = run.record["status"] == "complete"
         with contextlib.nullcontext() if complete else contextlib.suppress(PipelineError):
             run.save()
+        run.observer.run_ended(run.record)
     run.record["artifact"] = join(run.location, stage("export").directory)
     run.save()
     return RunResult(None if run.sink.location else run_dir, run.record, run.location)

@@ -12,10 +12,11 @@ temporary directory, removed at the end); the store holds the run:
   from the workers straight to RUN/train/ray, so a worker on any node can write them and
   a run started again (anywhere) resumes from them.
 - Ray Data reads the dataset from RUN/data in the store, so no node needs this one's disk.
-- RUNS/latest is an object naming the newest run (pipeline.runs.latest).
+- RUNS/latest and RUNS/champion are objects naming runs, moved once the run is complete
+  (pipeline.runs.pointers, pipeline.runs.promotion).
 
-A run location must be new, empty, or hold this pipeline's run.json; RUNS/latest must be
-absent or this pipeline's own; anything else is refused untouched.
+A run location must be new, empty, or hold this pipeline's run.json; anything else is
+refused untouched.
 """
 
 from __future__ import annotations
@@ -31,11 +32,10 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.files import write_json
-from pipeline.runs.latest import check_latest_object, point_latest_object
-from pipeline.runs.loop import RecordSink, RunResult, is_run_record, run_stages
+from pipeline.runs.loop import RecordSink, RunObserver, RunResult, is_run_record, run_stages
 from pipeline.schema import RAY_STORAGE_DIR, RUN_FILE, RUN_FORMAT
 from pipeline.stages import STAGES, Stage, stage, stages_from
-from pipeline.storage import Store, join, parent_and_name
+from pipeline.storage import Store, join
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +107,10 @@ def fetch_completed(store: Store, record: dict[str, Any], staging: Path, force: 
         )
 
 
-def run_remote(
-    config: Config, runs_root: str | None, run_location: str | None, force: str | None, verbose: bool
-) -> RunResult:
+def run_remote(config: Config, run_location: str, force: str | None, verbose: bool, observer: RunObserver) -> RunResult:
     """`run_pipeline` for a run in an object store (see the module docstring)."""
-    run_location = (run_location or new_run_location(str(runs_root))).rstrip("/")
     store = Store.open(run_location)
     record = read_run_record(store)
-    in_runs_root = runs_root is not None and parent_and_name(run_location)[0] == str(runs_root).rstrip("/")
-    root = Store.open(str(runs_root)) if in_runs_root else None
-    if root is not None:
-        check_latest_object(root)
     if config.train.storage_path is None:
         storage = join(run_location, stage("train").directory, RAY_STORAGE_DIR)
         config = config.replace(train=dataclasses.replace(config.train, storage_path=storage))
@@ -126,9 +119,7 @@ def run_remote(
         if record is not None:
             fetch_completed(store, record, staging, force)
             write_json(staging / RUN_FILE, record)
-        if root is not None:
-            point_latest_object(root, run_location)
         log.info("run: %s (stages run in %s)", run_location, staging)
-        return run_stages(config, staging, force, verbose, StoreSink(store))
+        return run_stages(config, staging, force, verbose, StoreSink(store), observer)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -11,9 +11,11 @@ no stage module imports another.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from pipeline.config import Config
 from pipeline.schema import (
@@ -71,6 +73,7 @@ class StageRun:
     resume: bool = False  # continue from the latest checkpoint (training alone uses it)
     verbose: bool = False
     parquet: str | None = None  # where Ray Data reads the dataset; None: the data directory
+    on_epoch: Callable[[dict[str, Any]], None] | None = None  # each epoch's metrics, at the driver
 
     def directory(self, name: str) -> Path:
         return self.run_dir / stage(name).directory

@@ -88,6 +88,7 @@ def train(
     verbose: bool = False,
     parquet: str | None = None,
     epoch_hook: Callable[[int, int, int, str], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Run data-parallel training; returns when TRAIN_DIR/model/ and train.json are written.
 
@@ -98,7 +99,8 @@ def train(
     against the split before Ray starts. Training that diverges, ends early or leaves
     non-finite weights raises PipelineError and writes no model. `epoch_hook`, when
     given, runs in every worker at the start of every epoch (see
-    pipeline.training.worker.train_func): tests inject faults with it.
+    pipeline.training.worker.train_func): tests inject faults with it. `on_epoch`, when
+    given, gets each epoch's metrics at this driver as they arrive (experiment tracking).
     """
     data_dir, out = Path(data_dir), Path(out)
     manifest = check_dataset(data_dir, full=True)
@@ -115,7 +117,9 @@ def train(
     write_json(out / CONFIG_FILE, config.to_dict())
     (out / TRAIN_SUMMARY_FILE).unlink(missing_ok=True)  # not complete until rewritten
     started = time.time()
-    plan = FitPlan(config, parquet or str(data_dir.resolve()), manifest, storage, resume_from, out, verbose, epoch_hook)
+    plan = FitPlan(
+        config, parquet or str(data_dir.resolve()), manifest, storage, resume_from, out, verbose, epoch_hook, on_epoch
+    )
     result, events = fit(plan)
     history = write_final_model(plan, result.checkpoint)
     summary = {
@@ -190,6 +194,7 @@ class FitPlan:
     out: Path  # TRAIN_DIR
     verbose: bool
     epoch_hook: Callable[[int, int, int, str], None] | None = None
+    on_epoch: Callable[[dict[str, Any]], None] | None = None
 
 
 def fit(plan: FitPlan):
@@ -271,7 +276,7 @@ def follow_progress(plan: FitPlan, thread: threading.Thread, progress) -> list[d
     import ray
 
     events: list[dict[str, Any]] = []
-    with ProgressLog(plan.out, plan.config.train.epochs, append=plan.resume_from is not None) as logger:
+    with ProgressLog(plan.out, plan.config.train.epochs, plan.resume_from is not None, plan.on_epoch) as logger:
         while thread.is_alive() or not progress.empty():
             try:
                 event = progress.get(timeout=PROGRESS_WAIT_S)
@@ -314,8 +319,8 @@ def training_error(error: BaseException) -> PipelineError:
 class ProgressLog:
     """Prints one line per epoch and appends it to metrics.jsonl and TensorBoard."""
 
-    def __init__(self, out: Path, epochs: int, append: bool):
-        self.out, self.epochs, self.append = Path(out), epochs, append
+    def __init__(self, out: Path, epochs: int, append: bool, on_epoch: Callable[[dict[str, Any]], None] | None):
+        self.out, self.epochs, self.append, self.on_epoch = Path(out), epochs, append, on_epoch
 
     def __enter__(self) -> ProgressLog:
         self.jsonl = open(self.out / METRICS_FILE, "a" if self.append else "w", encoding="utf-8")
@@ -349,6 +354,8 @@ class ProgressLog:
             metrics["epoch_time_s"],
             "" if metrics["replicas_agree"] else "  REPLICAS DIVERGED",
         )
+        if self.on_epoch is not None:
+            self.on_epoch(metrics)
 
     def __exit__(self, *exc_info) -> None:
         self.jsonl.close()
@@ -363,6 +370,7 @@ def run_in(run: StageRun) -> None:
         resume=run.resume,
         verbose=run.verbose,
         parquet=run.parquet,
+        on_epoch=run.on_epoch,
     )
 
 

@@ -4,10 +4,12 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,8 +27,28 @@ MAX_BODY = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def server(artifact, tmp_path_factory):
-    """The CLI in its own process, with its own local Ray, as a user starts it."""
+def runs(artifact, tmp_path_factory):
+    """A runs directory as the pipeline leaves it: two runs holding the artifact, and
+    `champion`, a relative symbolic link, naming the first."""
+    runs = tmp_path_factory.mktemp("runs")
+    for name in ("run-a", "run-b"):
+        shutil.copytree(artifact.out, runs / name / "artifact")
+        (runs / name / "run.json").write_text(json.dumps({"format": "vae-pipeline/run/v1", "status": "complete"}))
+    os.symlink("run-a", runs / "champion")
+    return runs
+
+
+def point(runs, name):
+    """Move `champion` as the pipeline does: a new link renamed over the old one."""
+    tmp = runs / ".champion.tmp"
+    os.symlink(name, tmp)
+    os.replace(tmp, runs / "champion")
+
+
+@pytest.fixture(scope="module")
+def server(runs, tmp_path_factory):
+    """The CLI in its own process, with its own local Ray, as a user starts it, serving
+    RUNS/champion and checking every half second whether it moved."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "output.txt"  # a file: Ray's processes may hold a pipe open
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
@@ -36,7 +58,9 @@ def server(artifact, tmp_path_factory):
                 os.path.join(VENV_BIN, "vae-generate"),
                 "serve",
                 "--model",
-                str(artifact.out),
+                str(runs / "champion"),
+                "--watch-s",
+                "0.5",
                 "--port",
                 str(port),
                 "--max-body-bytes",
@@ -270,6 +294,54 @@ def test_concurrent_requests_are_decoded_together(server, generator):
     new = {int(k): v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
     assert sum(size * count for size, count in new.items()) == 32
     assert max(new) > 1, new  # at least one onnxruntime call carried several requests
+
+
+def test_the_server_follows_the_champion_without_a_failed_request(server, runs, artifact):
+    """Clients decode without pause while `champion` moves to another run: no request
+    fails, the new run is served within seconds, and the latency across the swap is
+    reported. A champion whose artifact fails its checksums is refused, and the model
+    serving goes on serving."""
+    assert ok_json(call(server, "GET", "/v1/model"))["served"]["run"] == "run-a"
+    stop, latencies, failures = threading.Event(), [], []
+
+    def client():
+        z = np.zeros((1, artifact.card["latent_dim"]), np.float32).tolist()
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                status, _, _ = call(server, "POST", "/v1/decode", {"latents": z})
+            except OSError as exc:
+                status = repr(exc)
+            latencies.append(time.monotonic() - started)
+            if status != 200:
+                failures.append(status)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)
+    point(runs, "run-b")
+    moved = time.monotonic()
+    while ok_json(call(server, "GET", "/v1/model"))["served"]["run"] != "run-b":
+        assert time.monotonic() - moved < 60, "the new champion was not served within 60 s"
+        time.sleep(0.1)
+    swap_s = time.monotonic() - moved
+    time.sleep(2)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    p99 = float(np.percentile(latencies, 99)) * 1000
+    print(f"swap: served in {swap_s:.1f} s; {len(latencies)} requests, p99 {p99:.0f} ms, {len(failures)} failed")
+    assert failures == [] and len(latencies) > 50
+
+    # A champion whose decoder does not match SHA256SUMS: refused; run-b goes on serving.
+    shutil.copytree(runs / "run-b", runs / "run-c")
+    decoder = runs / "run-c" / "artifact" / "decoder.onnx"
+    decoder.write_bytes(decoder.read_bytes()[:-10])
+    point(runs, "run-c")
+    time.sleep(3)
+    assert ok_json(call(server, "GET", "/v1/model"))["served"]["run"] == "run-b"
+    assert call(server, "POST", "/v1/decode", {"latents": [[0.0] * artifact.card["latent_dim"]]})[0] == 200
 
 
 def fake_haproxy(tmp_path):

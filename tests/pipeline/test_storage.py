@@ -11,6 +11,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.data.dataset import check_dataset
 from pipeline.errors import PipelineError
+from pipeline.runs.listing import list_runs
 from pipeline.runs.remote import StoreSink
 from pipeline.runs.run import run_pipeline
 from pipeline.storage import RETRY_ENV, Store
@@ -46,7 +47,7 @@ def test_a_missing_bucket_is_one_line_without_waiting(s3_server, source):
     with pytest.raises(PipelineError) as info:
         run_pipeline(short_run(source), runs_root="s3://no-such-bucket-here/runs")
     assert re.fullmatch(
-        r"s3://no-such-bucket-here/runs/latest: cannot write: AWS Error NO_SUCH_BUCKET .*: "
+        r"s3://no-such-bucket-here/runs/run-[0-9-]+/run.json: cannot write: AWS Error NO_SUCH_BUCKET .*: "
         r"The specified bucket does not exist",
         str(info.value),
     )
@@ -73,8 +74,11 @@ def remote_record(location):
 def test_each_stage_is_uploaded_before_run_json_says_complete(s3_bucket, source, tmp_path, capsys):
     with pytest.raises(PipelineError, match="does not fit the training split"):
         run_pipeline(short_run(source), runs_root=f"{s3_bucket}/runs")
-    latest = Store.open(f"{s3_bucket}/runs").read_json("latest")
-    location = f"{s3_bucket}/runs/{latest['run']}"
+    # A failed run moves no pointer; `runs` lists it.
+    assert Store.open(f"{s3_bucket}/runs").read_bytes("latest") is None
+    [row] = list_runs(f"{s3_bucket}/runs")
+    location = row["location"]
+    assert row["status"] == "failed" and row["pointers"] == []
     record = remote_record(location)
     assert record["status"] == "failed" and record["error"].startswith("train.batch_size 100000")
     assert record["stages"]["ingest"]["status"] == "complete"
@@ -84,9 +88,13 @@ def test_each_stage_is_uploaded_before_run_json_says_complete(s3_bucket, source,
     Store.open(location).download("data", tmp_path / "data")
     assert check_dataset(tmp_path / "data", full=True)["rows"] == {"train": 256, "test": 64}
 
-    assert main(["fetch", f"{s3_bucket}/runs/latest", "--out", str(tmp_path / "model")]) == 2
+    assert main(["fetch", location, "--out", str(tmp_path / "model")]) == 2
     assert single_error_line(capsys.readouterr().err) == (
         f"vae-pipeline: error: {location}: its export stage is not complete (run status: failed); nothing to fetch"
+    )
+    assert main(["fetch", f"{s3_bucket}/runs/champion", "--out", str(tmp_path / "model")]) == 2
+    assert single_error_line(capsys.readouterr().err) == (
+        f"vae-pipeline: error: {s3_bucket}/runs/champion: no run is recorded there"
     )
     assert not (tmp_path / "model").exists()
 
