@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -41,6 +42,21 @@ def seconds(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
     return value
+
+
+# A grid of this many images is 28,000 pixels a side: past what image viewers open.
+MAX_IMAGES = 1_000_000
+
+
+def image_count(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_IMAGES:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_IMAGES} (one PNG grid), got {text}")
+    return value
+
+
+def _interrupt(signum, frame) -> NoReturn:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def check_out(path: Path) -> None:
@@ -163,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         return web_main(argv[1:])
     parser = OneLineParser(prog="vae-generate", description="Sample images from an exported VAE.", allow_abbrev=False)
     parser.add_argument("--model", type=Path, required=True, help="artifact directory (export stage output)")
-    parser.add_argument("--n", type=positive_int, default=64, help="number of images (default 64)")
+    parser.add_argument(
+        "--n", type=image_count, default=64, help=f"number of images (default 64, at most {MAX_IMAGES})"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--temperature", type=float, default=1.0, help="prior scale (default 1.0)")
     parser.add_argument("--providers", default="auto", help="auto, cpu or cuda (default auto)")
@@ -172,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
     args = parser.parse_args(argv)
+    # SIGTERM (kill, timeout, a supervisor) ends it as Ctrl-C does: through the cleanup that
+    # removes the half-written temporary file.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         check_out(args.out)
         with Generator(args.model, providers=args.providers, allow_tf32=args.allow_tf32) as generator:
@@ -183,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vae-generate: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"wrote {args.out} ({args.n} images, providers {generator.providers[0]})")
     return 0
 

@@ -135,7 +135,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
-        _check(0 < self.learning_rate <= 1, "train.learning_rate", "must be > 0 and <= 1")
+        # Below 1e-8 a float32 Adam step moves no weight: the loss would stay flat for hours.
+        _check(1e-8 <= self.learning_rate <= 1, "train.learning_rate", "must be >= 1e-8 and <= 1")
         _check(0 <= self.free_bits <= 100, "train.free_bits", "must be >= 0 and <= 100 (nats per dimension)")
         _check(
             self.free_bits_final is None or 0 <= self.free_bits_final <= 100,
@@ -252,6 +253,10 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        # Keras, NumPy and the training step's int32 noise seeds all take this range.
+        _check(0 <= self.seed <= 2**31 - 1, "seed", "must be >= 0 and <= 2147483647")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists); `from_dict` reads it back."""

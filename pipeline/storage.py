@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -88,28 +89,74 @@ def short(exc: BaseException) -> str:
     return text[:240] + ("..." if len(text) > 240 else "")
 
 
+class _Outage:
+    """When the store last stopped answering, shared by every operation of this process:
+    an upload of many files, each retried, must not get the whole budget per file."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.since: float | None = None
+
+    def failed(self, attempt_started: float) -> float:
+        """Seconds since the outage began: with the attempt that just failed, if it is the
+        first to fail (a hung request counts from when it was sent)."""
+        with self.lock:
+            if self.since is None:
+                self.since = attempt_started
+            return time.monotonic() - self.since
+
+    def ended(self) -> None:
+        with self.lock:
+            self.since = None
+
+
+_OUTAGE = _Outage()
+
+
 def with_retries(action: Callable[[], T], what: str, budget: float | None = None) -> T:
-    """`action()`, retried with growing pauses while its failures are transient, for up
-    to `budget` seconds; then one PipelineError line."""
+    """`action()`, retried with growing pauses while its failures are transient, until the
+    outage (counted from the store's first failure, across operations) has lasted `budget`
+    seconds; then one PipelineError line. One attempt may itself last a request timeout
+    (`request_timeout_s`) beyond that."""
     budget = retry_budget() if budget is None else budget
-    deadline = time.monotonic() + budget
     pause, warned = 0.5, False
     while True:
+        attempt_started = time.monotonic()
         try:
-            return action()
+            result = action()
         except OSError as exc:
             if not is_transient(exc):
                 raise PipelineError(f"{what}: {short(exc)}") from exc
-            if time.monotonic() + pause > deadline:
+            elapsed = _OUTAGE.failed(attempt_started)
+            if elapsed + pause > budget:
+                _OUTAGE.ended()  # given up: the next operation starts its own count
                 raise PipelineError(
-                    f"{what}: storage unreachable for {budget:.0f} s ({short(exc)}); "
+                    f"{what}: storage unreachable for {elapsed:.0f} s ({short(exc)}); "
                     "nothing was recorded as complete, run again to continue"
                 ) from exc
             if not warned:
-                log.warning("storage: %s: %s; retrying for up to %.0f s", what, short(exc), budget)
+                log.warning("storage: %s: %s; retrying for up to %.0f s", what, short(exc), budget - elapsed)
                 warned = True
             time.sleep(pause)
             pause = min(pause * 2, 5.0)
+        else:
+            _OUTAGE.ended()
+            return result
+
+
+def request_timeout_s(budget: float) -> float:
+    """How long one request to the store may hang: a third of the retry budget, 2-30 s."""
+    return min(30.0, max(2.0, budget / 3))
+
+
+def bounded_s3(filesystem, timeout: float):
+    """The same S3 filesystem (endpoint, region, credentials as `from_uri` resolved them),
+    each request bounded by `timeout` and tried once (with_retries does the retrying)."""
+    import pyarrow.fs as pafs
+
+    settings = filesystem.__reduce__()[1][0]  # pyarrow's own pickling: every setting, by name
+    settings.update(connect_timeout=timeout, request_timeout=timeout)
+    return pafs.S3FileSystem(**settings, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
 
 
 @dataclass(frozen=True)
@@ -130,7 +177,12 @@ class Store:
             return cls(str(path), pafs.LocalFileSystem(), str(path))
         try:
             filesystem, root = pafs.FileSystem.from_uri(text)
-        except (pafs.ArrowInvalid, ValueError, OSError) as exc:
+            if text.startswith("s3://") and "?" not in text:
+                # The same store, with a bound on each request: the SDK's own default lets
+                # a server that accepts and never answers hold one call for minutes. Its own
+                # retries are left to with_retries, which counts the outage.
+                filesystem = bounded_s3(filesystem, request_timeout_s(retry_budget()))
+        except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
             raise PipelineError(f"{text}: cannot open this storage location ({short(exc)})") from exc
         return cls(text.rstrip("/"), filesystem, root.rstrip("/"))
 

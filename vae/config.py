@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+# Convolution widths beyond this fill memory long before they help a 28x28 image.
+MAX_WIDTH = 1024
 ACTIVATIONS = ("relu", "elu", "gelu", "swish")
 # Pixel likelihoods (see vae.objective): the Bernoulli of the keras.io tutorial, which is not
 # a density on grey pixels, and the continuous Bernoulli, which is.
@@ -50,17 +52,19 @@ class VAEConfig:
     image_shape: tuple[int, int, int] = (28, 28, 1)
 
     def __post_init__(self) -> None:
-        if self.latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
+        pixels = self.image_shape[0] * self.image_shape[1] * self.image_shape[2]
+        if not 1 <= self.latent_dim <= pixels:
+            # More latent dimensions than pixel values describes nothing more; it only fills memory.
+            raise ValueError(f"latent_dim must be >= 1 and <= {pixels} (the pixels of an image), got {self.latent_dim}")
         for name, widths in (("filters", self.filters), ("decoder_filters", self.decoder_filters)):
-            if widths is not None and (len(widths) != 2 or min(widths) < 1):
-                raise ValueError(f"{name} must be two positive integers, got {widths}")
+            if widths is not None and (len(widths) != 2 or not 1 <= min(widths) <= max(widths) <= MAX_WIDTH):
+                raise ValueError(f"{name} must be two integers from 1 to {MAX_WIDTH}, got {widths}")
         if self.convs_per_stage < 1:
             raise ValueError(f"convs_per_stage must be >= 1, got {self.convs_per_stage}")
         if self.encoder_convs_per_stage is not None and self.encoder_convs_per_stage < 1:
             raise ValueError(f"encoder_convs_per_stage must be >= 1, got {self.encoder_convs_per_stage}")
-        if self.dense_units < 1:
-            raise ValueError(f"dense_units must be >= 1, got {self.dense_units}")
+        if not 1 <= self.dense_units <= MAX_WIDTH * 16:
+            raise ValueError(f"dense_units must be >= 1 and <= {MAX_WIDTH * 16}, got {self.dense_units}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not 0 < self.beta <= 1000:

@@ -10,7 +10,7 @@
 // it) or to JSON ({"images": n x 28 x 28 values in [0, 1]}). Every error is one line and
 // exit status 2; the output file appears only once it is complete.
 import { createHash } from 'node:crypto';
-import { readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { parseArgs } from 'node:util';
 
@@ -22,14 +22,27 @@ import { IMAGE_SIZE, PIXELS, VAEModel, inkLevels, normals } from '../web/model.m
 const CELL = IMAGE_SIZE + 2; // a 1-pixel white gutter on each side, as deploy/png.py
 const MAX_IMAGES = 65536;
 const USAGE = 'usage: vae-node --model DIR (--latents FILE.json | --n N [--seed S] [--temperature T]) --out FILE.png|FILE.json';
+const VALUED = ['--model', '--latents', '--n', '--seed', '--temperature', '--out'];
+const PNG_SIGNATURE = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
 
 class UsageError extends Error {}
+
+/** `--n -1` as `--n=-1`: a value that starts with a dash is still the option's value, so
+ * that the range check, not the parser's "ambiguous" paragraph, says what is wrong. */
+function joinNegativeValues(argv) {
+  const joined = [];
+  for (let i = 0; i < argv.length; i++) {
+    if (VALUED.includes(argv[i]) && /^-[0-9.]/.test(argv[i + 1] ?? '')) joined.push(`${argv[i]}=${argv[++i]}`);
+    else joined.push(argv[i]);
+  }
+  return joined;
+}
 
 function options(argv) {
   let values;
   try {
     ({ values } = parseArgs({
-      args: argv,
+      args: joinNegativeValues(argv),
       options: {
         model: { type: 'string' }, latents: { type: 'string' }, n: { type: 'string' },
         seed: { type: 'string', default: '0' }, temperature: { type: 'string', default: '1' },
@@ -37,14 +50,14 @@ function options(argv) {
       },
     }));
   } catch (error) {
-    throw new UsageError(`${error.message}\n${USAGE}`);
+    throw new UsageError(error.message.split('\n')[0]);
   }
   if (values.help) {
     console.log(USAGE);
     process.exit(0);
   }
-  if (!values.model || !values.out) throw new UsageError(`--model and --out are required\n${USAGE}`);
-  if ((values.latents === undefined) === (values.n === undefined)) throw new UsageError(`give exactly one of --latents and --n\n${USAGE}`);
+  if (!values.model || !values.out) throw new UsageError('--model and --out are required');
+  if ((values.latents === undefined) === (values.n === undefined)) throw new UsageError('give exactly one of --latents and --n');
   if (!/\.(png|json)$/.test(values.out)) throw new UsageError(`--out must end in .png or .json, got ${values.out}`);
   return values;
 }
@@ -72,6 +85,7 @@ function readLatents(path, dim) {
     if (!Array.isArray(row) || row.length !== dim) throw new UsageError(`${path}: latent ${i} must hold ${dim} numbers (the model's latent size)`);
     row.forEach((x, j) => {
       if (typeof x !== 'number' || !Number.isFinite(x)) throw new UsageError(`${path}: latent ${i} value ${j} is not a finite number: ${x}`);
+      if (!Number.isFinite(Math.fround(x))) throw new UsageError(`${path}: latent ${i} value ${j} is ${x}, beyond float32's range (the model's input type)`);
       flat[i * dim + j] = x;
     });
   });
@@ -104,6 +118,25 @@ function jsonImages(pixels, n) {
   return Buffer.from(JSON.stringify({ images }));
 }
 
+/** `--out` may be new, or a file this program (or vae-generate) could have written: a PNG
+ * for .png, a JSON object with "images" for .json. Anything else is not ours to replace. */
+function checkOut(path) {
+  if (!existsSync(path)) return;
+  if (statSync(path).isDirectory()) throw new UsageError(`${path}: is a directory; --out names the file to write`);
+  const bytes = readFileSync(path);
+  let ours;
+  if (path.endsWith('.png')) {
+    ours = bytes.subarray(0, PNG_SIGNATURE.length).equals(PNG_SIGNATURE);
+  } else {
+    try {
+      ours = Array.isArray(JSON.parse(bytes.toString('utf8'))?.images);
+    } catch {
+      ours = false;
+    }
+  }
+  if (!ours) throw new UsageError(`${path}: exists and is not ${path.endsWith('.png') ? 'a PNG file' : 'a JSON file of images'}; refusing to replace it`);
+}
+
 function writeAtomically(path, bytes) {
   const temporary = join(dirname(path), `.${basename(path)}.tmp-${process.pid}`);
   try {
@@ -117,6 +150,7 @@ function writeAtomically(path, bytes) {
 
 async function main(argv) {
   const args = options(argv);
+  checkOut(args.out);
   const model = await VAEModel.load(
     ort,
     async (name) => {
@@ -145,7 +179,7 @@ async function main(argv) {
 }
 
 main(process.argv.slice(2)).catch((error) => {
-  console.error(`vae-node: error: ${error.message.split('\n')[0]}`);
-  if (error instanceof UsageError && error.message.includes('\n')) console.error(error.message.split('\n').slice(1).join('\n'));
+  const hint = error instanceof UsageError && !error.message.includes(': ') ? ' (see vae-node --help)' : '';
+  console.error(`vae-node: error: ${error.message.split('\n')[0]}${hint}`);
   process.exit(2);
 });

@@ -92,12 +92,17 @@ def compile_steps(worker: Worker, strategy, model, optimizer) -> Steps:
     # A chunk of up to `steps_per_execution` batches runs as one TensorFlow call.
     chunk_spec = tf.TensorSpec((None, batch, *IMAGE_SHAPE), tf.uint8)
 
+    # The epoch's noise seeds start here: an int32 with room for 65,536 epochs above it, so
+    # any seed the config allows (up to 2**31 - 1) fits; seeds up to 2,147 keep the value,
+    # and the draws, they always had.
+    seed_base = config.seed * 1_000_003 % (2**31 - 2**16)
+
     @tf.function(input_signature=[chunk_spec, tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.int32)])
     def train(chunk, epoch, first_step):
         # The sums are added across workers once an epoch, not every step.
         totals = tf.zeros(3, tf.float64)
         for i in tf.range(tf.shape(chunk)[0]):
-            noise_seed = tf.stack([config.seed * 1_000_003 + epoch, (first_step + i) * worker.world + worker.rank])
+            noise_seed = tf.stack([seed_base + epoch, (first_step + i) * worker.world + worker.rank])
             per_replica = strategy.run(replica_step, args=(chunk[i], noise_seed))
             totals += strategy.experimental_local_results(per_replica)[0]
         finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in model.trainable_variables]))

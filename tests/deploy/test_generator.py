@@ -1,6 +1,8 @@
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -199,6 +201,10 @@ def test_vae_generate_bad_artifact_is_one_line(tmp_path, capsys):
             ["--model", "m", "--out", "x.png", "--n", "0"],
             "vae-generate: error: argument --n: must be a positive integer",
         ),
+        (
+            ["--model", "m", "--out", "x.png", "--n", "10000000000"],
+            "vae-generate: error: argument --n: must be at most 1000000 (one PNG grid), got 10000000000",
+        ),
         (["--out", "x.png"], "vae-generate: error: the following arguments are required: --model"),
         (["serve", "--model", "m", "--port", "0"], "(see vae-generate serve --help)"),
     ],
@@ -292,6 +298,22 @@ def test_vae_generate_refuses_a_directory_or_a_non_png_and_leaves_no_temporary(t
     for n in ("4", "9"):  # an earlier PNG is replaced
         assert generate_main(["--model", str(artifact.out), "--n", n, "--out", str(png)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "notes.txt", "outdir"]
+
+
+def test_sigterm_mid_write_leaves_no_temporary_file(artifact, tmp_path):
+    """`timeout`, kill and supervisors send SIGTERM: it ends like Ctrl-C, removing its
+    half-written `.OUT.tmp-PID` (once left behind, up to 635 MB)."""
+    out = tmp_path / "grid.png"
+    command = [sys.executable, "-m", "deploy.cli", "--model", str(artifact.out), "--n", "1000000", "--out", str(out)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".grid.png.tmp-*")):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 130
+    assert process.stderr.read().strip().splitlines()[-1] == "vae-generate: interrupted"
+    assert list(tmp_path.iterdir()) == []
 
 
 def peak_rss_mb(artifact_dir, n, out):

@@ -96,8 +96,9 @@ def test_a_tampered_model_is_refused_and_nothing_is_written(artifact, tmp_path):
         (lambda dim: json.dumps([[0.0] * dim, [None] * dim]), "latent 1 value 0 is not a finite number"),
         (lambda dim: json.dumps([]), "expected a list of 1 to"),
         (lambda dim: "[[0.0, NaN]]", "not JSON"),
+        (lambda dim: json.dumps([[1e39] * dim]), "latent 0 value 0 is 1e+39, beyond float32's range"),
     ],
-    ids=["wrong-size", "null", "empty", "nan"],
+    ids=["wrong-size", "null", "empty", "nan", "beyond-float32"],
 )
 def test_bad_latents_are_one_line_and_write_nothing(artifact, generator, tmp_path, make, message):
     path = tmp_path / "latents.json"
@@ -106,3 +107,43 @@ def test_bad_latents_are_one_line_and_write_nothing(artifact, generator, tmp_pat
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert done.stderr.startswith("vae-node: error: ") and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--n", "-1"], "vae-node: error: --n must be an integer in [1, 65536], got -1 (see vae-node --help)"),
+        (
+            ["--n", "2", "--latents", "x.json"],
+            "vae-node: error: give exactly one of --latents and --n (see vae-node --help)",
+        ),
+        (["--n", "2", "--nn", "3"], "vae-node: error: Unknown option '--nn'"),
+    ],
+)
+def test_usage_errors_are_one_line(artifact, tmp_path, args, message):
+    done = vae_node("--model", str(artifact.out), *args, "--out", str(tmp_path / "grid.png"))
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr
+    assert done.stderr.strip().startswith(message)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_it_did_not_write_is_never_replaced(artifact, tmp_path):
+    """As vae-generate: --out may be new or a PNG (.png) or JSON of images (.json) it
+    could have written; a file of any other kind, or a directory, is left alone."""
+    notes = tmp_path / "notes.png"
+    notes.write_text("my notes")
+    other = tmp_path / "data.json"
+    other.write_text('{"mine": [1, 2]}')
+    (tmp_path / "dir.png").mkdir()
+    for target, message in [
+        (notes, "exists and is not a PNG file; refusing to replace it"),
+        (other, "exists and is not a JSON file of images; refusing to replace it"),
+        (tmp_path / "dir.png", "is a directory"),
+    ]:
+        done = vae_node("--model", str(artifact.out), "--n", "2", "--out", str(target))
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert notes.read_text() == "my notes" and other.read_text() == '{"mine": [1, 2]}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json", "dir.png", "notes.png"]
+    grid = tmp_path / "grid.png"
+    for n in ("2", "3"):  # its own earlier output is replaced
+        assert vae_node("--model", str(artifact.out), "--n", n, "--out", str(grid)).returncode == 0

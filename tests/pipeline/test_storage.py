@@ -1,8 +1,11 @@
 """Runs in an object store: a real S3 server on loopback (moto), reached through pyarrow.fs."""
 
+import contextlib
 import json
 import logging
 import re
+import socket
+import threading
 import time
 
 import pytest
@@ -14,7 +17,7 @@ from pipeline.errors import PipelineError
 from pipeline.runs.listing import list_runs
 from pipeline.runs.remote import StoreSink
 from pipeline.runs.run import run_pipeline
-from pipeline.storage import RETRY_ENV, Store
+from pipeline.storage import RETRY_ENV, Store, request_timeout_s
 from tests.helpers import single_error_line, write_idx_dir
 
 
@@ -178,3 +181,49 @@ def test_a_location_that_is_not_a_run_is_refused_untouched(s3_bucket, source):
         run_pipeline(short_run(source), runs_root=f"{s3_bucket}/runs")
     assert Store.open(f"{s3_bucket}/runs").list_files() == ["latest"]
     assert json.dumps(Store.open(f"{s3_bucket}/runs").read_bytes("latest").decode()) == '"their own latest"'
+
+
+@pytest.fixture
+def hung_store(monkeypatch):
+    """An S3 endpoint that accepts connections and never answers (a hung server), with a
+    6 s retry limit."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=256)
+    held = []
+
+    def accept():
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setenv(RETRY_ENV, "6")
+    yield 6.0, held
+    listener.close()
+    for connection in held:
+        connection.close()
+
+
+def test_a_hung_store_stops_within_the_limit_across_many_files(hung_store, tmp_path, capsys):
+    """The limit counts the outage, not each file: an upload of six files and a fetch each
+    end in one line about one limit (plus one request's timeout) after the store hung,
+    where each file once had the whole limit to itself."""
+    limit, held = hung_store
+    files = make_tree(tmp_path / "artifact", {f"part-{i}.bin": b"x" * 100 for i in range(6)})
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match=r"storage unreachable for [0-9]+ s") as info:
+        Store.open("s3://hung/runs/run-1").upload(files, "artifact")
+    upload_s = time.monotonic() - started
+    assert held, "the upload never reached the hung endpoint"
+    assert "s3://hung/runs/run-1/artifact/part-0.bin: cannot write" in str(info.value)
+
+    started = time.monotonic()
+    assert main(["fetch", "s3://hung/runs/run-1", "--out", str(tmp_path / "model")]) == 2
+    fetch_s = time.monotonic() - started
+    line = single_error_line(capsys.readouterr().err)
+    assert line.startswith("vae-pipeline: error: s3://hung/runs/run-1/run.json: cannot read: storage unreachable")
+    assert not (tmp_path / "model").exists()
+    assert held, "no request reached the hung endpoint"
+    bound = limit + request_timeout_s(limit) + 1  # the last attempt may start just inside the limit
+    print(f"hung store, limit {limit:.0f} s: upload stopped after {upload_s:.1f} s, fetch after {fetch_s:.1f} s")
+    assert upload_s < bound and fetch_s < bound, (upload_s, fetch_s, bound)

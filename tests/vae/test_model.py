@@ -72,7 +72,7 @@ def test_the_decoder_can_be_narrower_than_the_encoder():
     z_mean, z_log_var, logits = model(images)
     assert tuple(logits.shape[:3]) == (2, 28, 28) and z_mean.shape == (2, 3)
     for bad in ((4,), (4, 0)):
-        with pytest.raises(ValueError, match="decoder_filters must be two positive integers"):
+        with pytest.raises(ValueError, match="decoder_filters must be two integers from 1 to 1024"):
             VAEConfig(decoder_filters=bad)
 
 
