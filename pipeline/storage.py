@@ -151,7 +151,8 @@ def request_timeout_s(budget: float) -> float:
 
 def bounded_s3(filesystem, timeout: float):
     """The same S3 filesystem (endpoint, region, credentials as `from_uri` resolved them),
-    each request bounded by `timeout` and tried once (with_retries does the retrying)."""
+    each request bounded by `timeout` (an S3 URI cannot set one) and tried once
+    (with_retries does the retrying)."""
     import pyarrow.fs as pafs
 
     settings = filesystem.__reduce__()[1][0]  # pyarrow's own pickling: every setting, by name
@@ -177,7 +178,7 @@ class Store:
             return cls(str(path), pafs.LocalFileSystem(), str(path))
         try:
             filesystem, root = pafs.FileSystem.from_uri(text)
-            if text.startswith("s3://") and "?" not in text:
+            if text.startswith("s3://"):
                 # The same store, with a bound on each request: the SDK's own default lets
                 # a server that accepts and never answers hold one call for minutes. Its own
                 # retries are left to with_retries, which counts the outage.
