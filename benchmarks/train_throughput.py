@@ -1,6 +1,7 @@
 """Train-stage throughput, all in one run on the same data and the `seed` preset:
 (a) 1 Ray Train worker vs a plain single-process Keras `fit` (same batch size), both on
-    the whole machine, and both held to one core (TensorFlow's intra- and inter-op pools);
+    the whole machine (the worker with its default groups, one per core), and both held to
+    one core (TensorFlow's intra- and inter-op pools);
 (b) 2 workers x 1 CPU vs 1 worker x 1 CPU (scaling efficiency = ratio / 2 of images/s),
     at the batch size and at each `--scaling-batches` size; and, as a control, against
     1 worker x 1 CPU while a one-thread Keras `fit` keeps another core busy: on a 2-core
@@ -23,6 +24,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The stage's workers run oneDNN's kernels (pipeline.training.worker); Keras `fit`, in this
+# process and its subprocesses, gets the same kernels, so the ratios compare the loops.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
 def stage_images_per_s(data, workers, cpus, epochs, batch, root):
@@ -165,7 +169,10 @@ def main() -> None:
         fit_one_spe = keras_fit_in_subprocess(data, 1, args.epochs, args.batch, spe)
     print(f"seed preset, {args.rows} rows, batch {args.batch}, median of epochs 2-{args.epochs} (images/s):")
     print(f"  Keras fit, TensorFlow's default threads ({cores} cores): {fit_all:8.0f}")
-    print(f"  stage, 1 worker x {cores} CPUs:                    {one_all:8.0f}")
+    groups = load_config(
+        overrides=[f"train.batch_size={args.batch}", "train.num_workers=1", f"train.cpus_per_worker={cores}"]
+    ).train.groups
+    print(f"  stage, 1 worker x {cores} CPUs ({groups} groups):         {one_all:8.0f}")
     print(f"  Keras fit, 1 thread (intra- and inter-op):     {fit_one:8.0f}")
     print(f"  Keras fit, 1 thread, steps_per_execution={spe}:   {fit_one_spe:8.0f}")
     print(f"  stage, 1 worker x 1 CPU:                       {one:8.0f}")

@@ -381,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     # TensorFlow's C++ start-up chatter (CPU features, missing CUDA) is not for users.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if args.verbose else "3")
+    # oneDNN's kernels: 1.3x TensorFlow's own on a training step here, but TensorFlow turns
+    # them on by default only on some CPUs (docs/benchmarks.md); TF_ENABLE_ONEDNN_OPTS=0 opts out.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     try:
         return args.func(args)
     except PipelineError as exc:

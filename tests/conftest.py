@@ -77,6 +77,7 @@ def trained_run(tmp_path_factory, small_dataset, ray_local):
             "train.epochs=3",
             "train.batch_size=64",
             "train.num_workers=2",
+            "train.cpus_per_worker=1",
         ]
     )
     out = tmp_path_factory.mktemp("train") / "run"

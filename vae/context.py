@@ -36,12 +36,14 @@ def shifted(images, di: int, dj: int):
 
 def context_logits(decoded, images, offsets):
     """Teacher-forced logits (N, H, W, 1) from the decoder's output (N, H, W, 1 + K)
-    and the true images (N, H, W, 1) in [0, 1]; without offsets, `decoded` itself."""
+    and the true images (N, H, W, 1) in [0, 1]; without offsets, `decoded` itself.
+
+    One product and one sum over the channels, [base, weights] . [1, context]: slicing
+    `decoded` into base and weights instead costs a scatter in the backward pass."""
     if not offsets:
         return decoded
-    base, weights = decoded[..., :1], decoded[..., 1:]
     context = ops.concatenate([shifted(images, di, dj) for di, dj in offsets], axis=-1) - 0.5
-    return base + ops.sum(weights * context, axis=-1, keepdims=True)
+    return ops.sum(decoded * ops.concatenate([ops.ones_like(images), context], axis=-1), axis=-1, keepdims=True)
 
 
 def fill_rows(decoded, offsets, likelihood: str = "bernoulli"):

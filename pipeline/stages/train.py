@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -49,6 +50,8 @@ from pipeline.training.model_store import (
 log = logging.getLogger(__name__)
 
 RUN_NAME_PREFIX = "vae"
+# oneDNN's kernels: on unless the environment says otherwise (docs/configuration.md).
+ONEDNN_ENV = "TF_ENABLE_ONEDNN_OPTS"
 # The driver blocks on the progress queue; the fit thread's FIT_DONE ends the wait, and
 # the timeout only bounds how long a lost queue goes unnoticed. Each wait is an actor
 # call, so a short poll would keep Ray busy beside the workers.
@@ -76,7 +79,8 @@ def check_batch_fits(train: TrainConfig, train_rows: int) -> None:
     if per_worker_rows < per_worker_batch:
         raise PipelineError(
             f"train.batch_size {train.batch_size} does not fit the training split: {train_rows} rows over "
-            f"{train.num_workers} workers is {per_worker_rows} each, less than one batch of {per_worker_batch}"
+            f"{train.num_workers} worker{'s' if train.num_workers != 1 else ''} is {per_worker_rows}"
+            f"{' each' if train.num_workers != 1 else ''}, less than one batch of {per_worker_batch}"
         )
 
 
@@ -134,6 +138,8 @@ def train(
         "storage_path": storage,
         "data_sha256": manifest["content_sha256"],
         "num_workers": workers,
+        "groups_per_worker": config.train.groups,
+        "onednn": all(e["onednn"] for e in events if e["event"] == "start"),
     }
     write_json(out / TRAIN_SUMMARY_FILE, summary)
     return TrainResult(out, summary)
@@ -266,6 +272,9 @@ def make_trainer(plan: FitPlan, dataset, progress):
             storage_path=plan.storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            # Read when a worker first imports TensorFlow (Ray Train's backend does, before
+            # `train_func`): set for the worker processes themselves, on any cluster.
+            worker_runtime_env={"env_vars": {ONEDNN_ENV: os.environ.get(ONEDNN_ENV, "1")}},
         ),
         datasets={"train": dataset},
     )
@@ -334,7 +343,16 @@ class ProgressLog:
             return  # the driver raises it once training has stopped
         if event["event"] == "start":
             verb = "resuming at" if event["epoch"] else "starting at"
-            log.info("train: %d workers %s epoch %d", event["workers"], verb, event["epoch"] + 1)
+            log.info(
+                "train: %d worker%s x %d group%s %s epoch %d (oneDNN kernels %s)",
+                event["workers"],
+                "s" if event["workers"] != 1 else "",
+                event["groups"],
+                "s" if event["groups"] != 1 else "",
+                verb,
+                event["epoch"] + 1,
+                "on" if event["onednn"] else "off",
+            )
             return
         epoch = event["epoch"]
         metrics = {k: v for k, v in event.items() if k != "event"}

@@ -36,27 +36,34 @@ class Steps(NamedTuple):
     free_bits: Any  # optimizer step -> the free-bits floor the step trains with
 
 
-def make_replica_step(worker: Worker, model, optimizer, free_bits):
-    """One replica's training step on (batch, 28, 28) uint8 images: forward, the
-    objective (vae.training_objective), backward and the optimizer's update; returns this
-    replica's summed (loss, reconstruction, kl) as float64."""
+def make_group_gradients(worker: Worker, model, optimizer, free_bits):
+    """One group's share of a training step on (group batch, 28, 28) uint8 images: the
+    forward pass, the objective (vae.training_objective, divided by the *global* batch)
+    and its gradients; returns (gradients, this group's summed (loss, reconstruction, kl)
+    as float64). A worker's batch is split into `worker.groups` groups, each with its own
+    noise and its own contrastive negatives, as if each were a worker of its own."""
     import tensorflow as tf
 
-    from vae import random_view, training_objective
+    from vae import random_view, reparameterize, training_objective
 
-    train, batch = worker.config.train, worker.batch
+    train, group_batch = worker.config.train, worker.group_batch
     latent_dim = model.config.latent_dim
     uses_free_bits = train.free_bits > 0
     contrastive = train.contrastive_weight > 0
     scaled_loss = train.precision == "mixed_float16"
 
-    def replica_step(images, noise_seed):
+    def group_gradients(images, noise_seed):
         # Pixels scaled to [0, 1] on the fly; (batch, 28, 28) -> (batch, 28, 28, 1).
         x = tf.cast(images, tf.float32)[..., None] / 255.0
-        eps = tf.random.stateless_normal((batch, latent_dim), seed=noise_seed)
+        eps = tf.random.stateless_normal((group_batch, latent_dim), seed=noise_seed)
         with tf.GradientTape() as tape:
-            z_mean, z_log_var, logits = model(x, training=True, eps=eps)
-            view_mean = model.encoder(random_view(x, noise_seed), training=True)[0] if contrastive else None
+            if contrastive:  # the images and their views through the encoder as one batch
+                both_mean, both_log_var = model.encoder(tf.concat([x, random_view(x, noise_seed)], 0), training=True)
+                (z_mean, view_mean), z_log_var = tf.split(both_mean, 2), tf.split(both_log_var, 2)[0]
+                logits = model.logits(reparameterize(z_mean, z_log_var, eps), x, training=True)
+            else:
+                z_mean, z_log_var, logits = model(x, training=True, eps=eps)
+                view_mean = None
             objective, (loss, reconstruction, kl) = training_objective(
                 x,
                 logits,
@@ -73,9 +80,28 @@ def make_replica_step(worker: Worker, model, optimizer, free_bits):
             if scaled_loss:
                 objective = optimizer.scale_loss(objective)
         gradients = tape.gradient(objective, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
         sums = tf.stack([tf.reduce_sum(loss), tf.reduce_sum(reconstruction), tf.reduce_sum(kl)])
-        return tf.cast(sums, tf.float64)
+        return gradients, tf.cast(sums, tf.float64)
+
+    return group_gradients
+
+
+def make_replica_step(worker: Worker, model, optimizer, free_bits):
+    """One replica's training step on (batch, 28, 28) uint8 images and its noise seeds
+    ((groups, 2) int32): each group's gradients (independent, so TensorFlow's inter-op
+    threads run them side by side, one core each), summed, then the optimizer's update
+    (which all-reduces across workers); returns the replica's summed (loss,
+    reconstruction, kl) as float64."""
+    import tensorflow as tf
+
+    group_gradients = make_group_gradients(worker, model, optimizer, free_bits)
+    size = worker.group_batch
+
+    def replica_step(images, noise_seeds):
+        parts = [group_gradients(images[g * size : (g + 1) * size], noise_seeds[g]) for g in range(worker.groups)]
+        gradients = [tf.add_n(list(each)) for each in zip(*(part[0] for part in parts), strict=True)]
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        return tf.add_n([part[1] for part in parts])
 
     return replica_step
 
@@ -96,14 +122,18 @@ def compile_steps(worker: Worker, strategy, model, optimizer) -> Steps:
     # any seed the config allows (up to 2**31 - 1) fits; seeds up to 2,147 keep the value,
     # and the draws, they always had.
     seed_base = config.seed * 1_000_003 % (2**31 - 2**16)
+    groups = worker.world * worker.groups  # in the whole run
 
     @tf.function(input_signature=[chunk_spec, tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.int32)])
     def train(chunk, epoch, first_step):
         # The sums are added across workers once an epoch, not every step.
         totals = tf.zeros(3, tf.float64)
         for i in tf.range(tf.shape(chunk)[0]):
-            noise_seed = tf.stack([seed_base + epoch, (first_step + i) * worker.world + worker.rank])
-            per_replica = strategy.run(replica_step, args=(chunk[i], noise_seed))
+            # One seed per group: (epoch, step * groups in the run + this group's place),
+            # so a 2-worker run and a 1-worker run of 2 groups draw the same noise.
+            index = (first_step + i) * groups + worker.rank * worker.groups + tf.range(worker.groups)
+            noise_seeds = tf.stack([tf.fill([worker.groups], seed_base + epoch), index], axis=1)
+            per_replica = strategy.run(replica_step, args=(chunk[i], noise_seeds))
             totals += strategy.experimental_local_results(per_replica)[0]
         finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(v)) for v in model.trainable_variables]))
         return totals, finite

@@ -66,7 +66,16 @@ def train_func(loop_config: dict[str, Any]) -> None:
     worker, strategy = start_worker(loop_config)
     model, optimizer = build_model_and_optimizer(worker, strategy)
     start_epoch, history = restore(model, optimizer, loop_config.get("resume_from"), loop_config.get("run_storage"))
-    worker.tell_driver({"event": "start", "epoch": start_epoch, "workers": worker.world, "time": time.time()})
+    worker.tell_driver(
+        {
+            "event": "start",
+            "epoch": start_epoch,
+            "workers": worker.world,
+            "groups": worker.groups,
+            "onednn": onednn_enabled(),
+            "time": time.time(),
+        }
+    )
     steps = compile_steps(worker, strategy, model, optimizer)
     shard, cache = ray.train.get_dataset_shard("train"), ShardCache()
     for epoch in range(start_epoch, worker.config.train.epochs):
@@ -95,21 +104,33 @@ def start_worker(loop_config: dict[str, Any]):
     config = Config.from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    threads = config.train.cpus_per_worker
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    # Each group's ops run on an inter-op thread with its share of the CPUs for their own.
+    cpus, groups = config.train.cpus_per_worker, config.train.groups
+    tf.config.threading.set_intra_op_parallelism_threads(max(1, cpus // groups))
+    tf.config.threading.set_inter_op_parallelism_threads(max(groups, min(2, cpus)))
     if config.train.precision != "float32":
         keras.mixed_precision.set_global_policy(config.train.precision)
     keras.utils.set_random_seed(config.seed)  # identical initial weights on every worker
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(
-        communication_options=tf.distribute.experimental.CommunicationOptions(bytes_per_pack=ALLREDUCE_PACK_BYTES)
-    )
+    if world == 1:  # nothing to all-reduce: no collective ops in the step
+        strategy = tf.distribute.OneDeviceStrategy("/gpu:0" if config.train.use_gpu else "/cpu:0")
+    else:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(bytes_per_pack=ALLREDUCE_PACK_BYTES)
+        )
     batch = per_worker_batch(config.train.batch_size, world)
     steps_per_epoch = (loop_config["train_rows"] // world) // batch
     if steps_per_epoch < 1:  # the driver checks this before starting; a bug if reached
         raise ValueError(f"{loop_config['train_rows']} rows give no batch of {batch} per worker")
-    worker = Worker(config, rank, world, batch, steps_per_epoch, loop_config.get("progress"))
+    worker = Worker(config, rank, world, batch, steps_per_epoch, loop_config.get("progress"), groups)
     return worker, strategy
+
+
+def onednn_enabled() -> bool:
+    """Whether this process's TensorFlow runs oneDNN's kernels (TF_ENABLE_ONEDNN_OPTS,
+    read when TensorFlow is first imported; the train stage sets it for its workers)."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
 
 
 def build_model_and_optimizer(worker: Worker, strategy):
@@ -211,6 +232,7 @@ def epoch_metrics(worker: Worker, steps: Steps, model, optimizer, epoch: int, ou
         "free_bits": float(np.asarray(steps.free_bits(optimizer.iterations))),
         "replicas_agree": spread == 0.0,
         "workers": worker.world,
+        "groups": worker.groups,
     }
 
 

@@ -19,6 +19,11 @@ class Worker:
     batch: int  # images per worker per step
     steps_per_epoch: int
     progress: Any  # a ray.util.queue.Queue for the driver, or None
+    groups: int = 1  # the worker's batch is split into this many groups (TrainConfig.groups)
+
+    @property
+    def group_batch(self) -> int:
+        return self.batch // self.groups
 
     @property
     def global_batch(self) -> int:

@@ -24,6 +24,21 @@ def test_toml_file_and_overrides_apply_in_order(tmp_path):
     assert config.data.limit == 100
 
 
+@pytest.mark.parametrize(
+    ("overrides", "groups"),
+    [
+        ([], 2),  # the default: one worker, a group on each of its 2 CPUs
+        (["train.num_workers=2", "train.cpus_per_worker=1"], 1),
+        (["train.cpus_per_worker=3"], 2),  # 3 does not divide 128: the most that does
+        (["train.cpus_per_worker=8", "train.batch_size=4"], 4),  # no more groups than images
+        (["train.use_gpu=true"], 1),
+        (["train.groups_per_worker=4"], 4),
+    ],
+)
+def test_groups_per_worker_default_to_one_per_cpu_that_divides_the_batch(overrides, groups):
+    assert load_config(overrides=overrides).train.groups == groups
+
+
 def test_yaml_file_is_read(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  batch_size: 64\n")
@@ -43,7 +58,9 @@ def test_yaml_file_is_read(tmp_path):
         ("seed=-1", "seed must be >= 0 and <= 2147483647"),
         ("seed=2147483648", "seed must be >= 0 and <= 2147483647"),
         ("data.source=http://x", "data.source must be"),
-        ("train.batch_size=129", "train.batch_size (129) must be a multiple of train.num_workers"),
+        ("train.num_workers=3", "train.batch_size (128) must be a multiple of train.num_workers (3)"),
+        ("train.groups_per_worker=0", "train.groups_per_worker must be >= 1 and at most the worker's batch (128)"),
+        ("train.groups_per_worker=3", "train.groups_per_worker (3) must divide the worker's batch (128 = "),
         ("train.use_gpu=1", "train.use_gpu must be true or false"),
         ("export.opset=13", "export.opset must be >= 17"),
         ("train.learning_rate=Infinity", "train.learning_rate must be a finite number, got inf"),

@@ -31,7 +31,8 @@ def test_submit_to_several_nodes_with_runs_in_s3_then_fetch_and_generate(
     config = tmp_path / "small.toml"
     config.write_text(
         f'[data]\nsource = "idx:{source}"\nlimit = 256\nrows_per_file = 128\n'
-        '[model]\npreset = "seed"\nlatent_dim = 2\n[train]\nepochs = 1\nbatch_size = 64\nnum_workers = 2\n'
+        '[model]\npreset = "seed"\nlatent_dim = 2\n'
+        "[train]\nepochs = 1\nbatch_size = 64\nnum_workers = 2\ncpus_per_worker = 1\n"
         "[evaluate]\niwae_k = 2\n"
     )
     runs = f"{s3_bucket}/runs"

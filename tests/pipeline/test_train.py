@@ -26,7 +26,7 @@ def test_two_workers_lower_the_loss_and_keep_replicas_identical(trained_run):
     assert [row["epoch"] for row in rows] == [0, 1, 2]
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert all(row["replicas_agree"] for row in rows)
-    assert all(row["workers"] == 2 for row in rows)
+    assert all((row["workers"], row["groups"]) == (2, 1) for row in rows)
     assert all(np.isfinite(row["images_per_s"]) and row["images_per_s"] > 0 for row in rows)
     # The training-only terms (free bits, the contrastive term, on by default) stay out of the
     # reported loss: it is the negative ELBO.
@@ -97,7 +97,9 @@ def test_one_worker_trains_the_same_whatever_the_steps_per_execution(tmp_path, s
         )
         runs.append(train(config, small_dataset, tmp_path / f"run-{steps}").out)
     rows = history(runs[0])
-    assert [row["workers"] for row in rows] == [1]
+    # The default layout: one worker, its batch in a group for each of its 2 CPUs, on oneDNN.
+    assert [(row["workers"], row["groups"]) for row in rows] == [(1, 2)]
+    assert json.loads((runs[0] / TRAIN_SUMMARY_FILE).read_text())["onednn"] is True
     assert [row["loss"] for row in history(runs[1])] == [row["loss"] for row in rows]
     one, three = (read_keras_file(run / MODEL_DIR / "vae.keras")[1] for run in runs)
     assert sorted(one) == sorted(three) and len(one) > 10
@@ -185,7 +187,7 @@ def test_batch_larger_than_the_split_is_refused_before_anything_runs(tmp_path, c
     argv = ["train", "--data", str(small_dataset), "--out", str(out), "--set", "train.batch_size=2048"]
     assert main(argv) == 2
     line = single_error_line(capsys.readouterr().err)
-    assert "train.batch_size 2048 does not fit the training split: 1024 rows over 2 workers" in line
+    assert "train.batch_size 2048 does not fit the training split: 1024 rows over 1 worker is 1024" in line
     assert not out.exists()
 
 
@@ -297,3 +299,42 @@ def test_a_checkpoint_uploaded_but_never_registered_is_resumed_from(tmp_path, tr
     start, history = restore(model, optimizer, None, str(run))
     assert (start, len(history)) == (2, 2)
     assert "not resuming from" in capsys.readouterr().err
+
+
+def test_a_step_of_two_groups_applies_the_sum_of_each_groups_own_gradients():
+    """A worker of 2 groups: the step's update is the sum of each group's gradients, each
+    group on its half of the batch with its own noise seed and its own contrastive
+    negatives (as a worker of its own would). Plain SGD at rate 1, so that the weights
+    move by exactly the summed gradient."""
+    import keras
+    import tensorflow as tf
+
+    from pipeline.training.schedules import free_bits_schedule
+    from pipeline.training.steps import make_group_gradients, make_replica_step
+    from pipeline.training.worker import build_model_and_optimizer
+    from pipeline.training.worker_context import Worker
+
+    config = load_config(overrides=[*TRAINED_RUN, "train.num_workers=1", "train.cpus_per_worker=2"])
+    worker = Worker(config, rank=0, world=1, batch=64, steps_per_epoch=1, progress=None, groups=2)
+    free_bits = free_bits_schedule(config, 1)
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, (64, 28, 28), dtype=np.uint8))
+    seeds = tf.constant([[7, 0], [7, 1]])
+    model, _ = build_model_and_optimizer(worker, tf.distribute.get_strategy())
+    optimizer = keras.optimizers.SGD(1.0)
+    optimizer.build(model.trainable_variables)
+    before = [v.numpy() for v in model.trainable_variables]
+
+    group_gradients = make_group_gradients(worker, model, optimizer, free_bits)
+    (first, first_sums), (second, second_sums) = (
+        group_gradients(images[:32], seeds[0]),
+        group_gradients(images[32:], seeds[1]),
+    )
+    sums = tf.function(make_replica_step(worker, model, optimizer, free_bits))(images, seeds)
+
+    assert not np.allclose(first[0], second[0])  # each group its own images
+    np.testing.assert_allclose(sums, first_sums + second_sums, rtol=1e-5)
+    for old, variable, a, b in zip(before, model.trainable_variables, first, second, strict=True):
+        step = old - variable.numpy()  # to within float32's rounding of the weights themselves
+        slack = 4 * np.finfo(np.float32).eps * float(np.abs(old).max()) + 1e-5 * float(np.abs(a + b).max())
+        np.testing.assert_allclose(step, a + b, rtol=1e-4, atol=slack)
+    assert int(optimizer.iterations) == 1
