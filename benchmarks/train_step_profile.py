@@ -1,6 +1,6 @@
 """Where one training step of the default model spends its time: TensorFlow's profiler
 around the step the train stage compiles (pipeline.training.steps: one group's forward,
-objective and backward, then Adam), its ops summed into parts, with the FLOP count per
+objective and backward, then Adam): its step time, its largest ops, the FLOP count per
 image and the fraction of the machine's peak it reaches.
 
     .venv/bin/python benchmarks/train_step_profile.py [--steps 40] [--batch 64]
@@ -30,25 +30,13 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-# Op-name prefixes -> the part of the step they belong to (first match wins).
-PARTS = (
-    ("decoder_upconv2", "decoder: 14->28 transposed conv"),
-    ("logits", "decoder: output transposed conv"),
-    ("decoder", "decoder: other layers"),
-    ("encoder_conv", "encoder convs (images and views)"),
-    ("encoder_dense", "encoder dense"),
-    ("encoder", "encoder: heads"),
-    ("ImageProjectiveTransform", "view (augment)"),
-    ("Adam", "optimizer (Adam)"),
-    ("AssignVariable", "optimizer (Adam)"),
-)
+CONTAINERS = ("PartitionedCall", "While", "If", "Case")
 
 
-def part_of(name: str) -> str:
-    for key, part in PARTS:
-        if key in name:
-            return part
-    return "objective, context, casts (elementwise)"
+def short_name(name: str) -> str:
+    """ "scope/vae_1/decoder_1/logits_1/conv_transpose:Type" -> "decoder_1/logits_1/conv_transpose:Type"."""
+    grad = "grad " if name.startswith("gradient_tape/") else ""
+    return grad + "/".join(name.split("/")[-3:])
 
 
 def profile_in_this_process(steps: int, batch: int) -> dict:
@@ -90,7 +78,7 @@ def profile_in_this_process(steps: int, batch: int) -> dict:
         tf.profiler.experimental.stop()
         space = xplane_pb2.XSpace()
         space.ParseFromString(Path(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[0]).read_bytes())
-    parts: collections.Counter = collections.Counter()
+    ops: collections.Counter = collections.Counter()
     for plane in space.planes:
         names = {key: meta.name for key, meta in plane.event_metadata.items()}
         for line in plane.lines:
@@ -98,14 +86,14 @@ def profile_in_this_process(steps: int, batch: int) -> dict:
                 continue
             for event in line.events:
                 name = names.get(event.metadata_id, "")
-                if ":" in name:  # an op ("scope/op:Type"), not the executor's own spans
-                    parts[part_of(name)] += event.duration_ps / 1e9 / steps
+                if ":" in name and "::" not in name and not name.rsplit(":", 1)[1].endswith(CONTAINERS):
+                    ops[short_name(name)] += event.duration_ps / 1e9 / steps
     return {
         "onednn": onednn_enabled(),
         "ms_per_step": seconds * 1e3,
         "images_per_s": batch / seconds,
         "mflop_per_image": flops / batch / 1e6,
-        "parts_ms": dict(parts),
+        "largest_ops_ms": dict(ops.most_common(12)),
     }
 
 
@@ -129,14 +117,11 @@ def main() -> None:
     cores = os.cpu_count() or 1
     eigen = profile_in_subprocess("0", args.steps, args.batch)
     onednn = profile_in_subprocess("1", args.steps, args.batch)
-    names = sorted(set(eigen["parts_ms"]) | set(onednn["parts_ms"]), key=lambda n: -eigen["parts_ms"].get(n, 0))
     print(f"one group step of the default model, batch {args.batch}, one thread, mean of {args.steps} steps:")
-    print(f"  {'part':42s} {'TensorFlow kernels':>20s} {'oneDNN kernels':>16s}")
-    for name in names:
-        print(f"  {name:42s} {eigen['parts_ms'].get(name, 0):17.2f} ms {onednn['parts_ms'].get(name, 0):13.2f} ms")
-    for label, key in (("ops, summed", None), ("step, wall", "ms_per_step")):
-        values = [sum(r["parts_ms"].values()) if key is None else r[key] for r in (eigen, onednn)]
-        print(f"  {label:42s} {values[0]:17.2f} ms {values[1]:13.2f} ms")
+    for label, result in (("TensorFlow kernels", eigen), ("oneDNN kernels", onednn)):
+        print(f"  {label}: {result['ms_per_step']:.1f} ms a step; its largest ops (ms a step):")
+        for name, ms in result["largest_ops_ms"].items():
+            print(f"    {ms:6.2f}  {name}")
     flop = onednn["mflop_per_image"]
     print(f"FLOPs per training image: {flop:.1f} MFLOP (TensorFlow's graph profiler)")
     for label, result in (("TensorFlow kernels", eigen), ("oneDNN kernels", onednn)):
