@@ -139,7 +139,7 @@ def train(
         "data_sha256": manifest["content_sha256"],
         "num_workers": workers,
         "groups_per_worker": config.train.groups,
-        "onednn": all(e["onednn"] for e in events if e["event"] == "start"),
+        "onednn": next((e["onednn"] for e in reversed(events) if e["event"] == "start"), None),
     }
     write_json(out / TRAIN_SUMMARY_FILE, summary)
     return TrainResult(out, summary)
@@ -351,7 +351,7 @@ class ProgressLog:
                 "s" if event["groups"] != 1 else "",
                 verb,
                 event["epoch"] + 1,
-                "on" if event["onednn"] else "off",
+                {True: "on", False: "off"}.get(event["onednn"], "unknown"),
             )
             return
         epoch = event["epoch"]

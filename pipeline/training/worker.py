@@ -125,12 +125,16 @@ def start_worker(loop_config: dict[str, Any]):
     return worker, strategy
 
 
-def onednn_enabled() -> bool:
+def onednn_enabled() -> bool | None:
     """Whether this process's TensorFlow runs oneDNN's kernels (TF_ENABLE_ONEDNN_OPTS,
-    read when TensorFlow is first imported; the train stage sets it for its workers)."""
-    from tensorflow.python.util import _pywrap_util_port
+    read when TensorFlow is first imported; the train stage sets it for its workers).
+    None where TensorFlow no longer has the private function that says so."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
 
-    return bool(_pywrap_util_port.IsMklEnabled())
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None
 
 
 def build_model_and_optimizer(worker: Worker, strategy):
