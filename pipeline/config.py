@@ -170,7 +170,7 @@ class TrainConfig:
             f"({self.batch_size}) must be a multiple of train.num_workers ({self.num_workers})",
         )
         _check(self.cpus_per_worker >= 1, "train.cpus_per_worker", "must be >= 1")
-        worker_batch = self.batch_size // self.num_workers
+        worker_batch = self.worker_batch
         _check(
             self.groups_per_worker is None or 1 <= self.groups_per_worker <= worker_batch,
             "train.groups_per_worker",
@@ -188,14 +188,19 @@ class TrainConfig:
         _check(self.max_failures >= 0, "train.max_failures", "must be >= 0")
 
     @property
+    def worker_batch(self) -> int:
+        """Images each worker takes a step: the global batch over the workers."""
+        return self.batch_size // self.num_workers
+
+    @property
     def groups(self) -> int:
         """The groups each worker splits its batch into (`groups_per_worker` resolved)."""
         if self.groups_per_worker is not None:
             return self.groups_per_worker
         if self.use_gpu:
             return 1
-        worker_batch = self.batch_size // self.num_workers
-        return max(g for g in range(1, min(self.cpus_per_worker, worker_batch) + 1) if worker_batch % g == 0)
+        most = min(self.cpus_per_worker, self.worker_batch)
+        return max(g for g in range(1, most + 1) if self.worker_batch % g == 0)
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ def storage_location(config: Config, out: Path) -> str:
 def check_batch_fits(train: TrainConfig, train_rows: int) -> None:
     """Every worker must get at least one full batch an epoch, or training does nothing."""
     per_worker_rows = train_rows // train.num_workers
-    per_worker_batch = train.batch_size // train.num_workers
+    per_worker_batch = train.worker_batch
     if per_worker_rows < per_worker_batch:
         raise PipelineError(
             f"train.batch_size {train.batch_size} does not fit the training split: {train_rows} rows over "
