@@ -114,6 +114,12 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--max-rows", type=positive_int, default=256, help="latents, images or samples per request")
     parser.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, help="request body limit")
     parser.add_argument(
+        "--body-timeout-s",
+        type=seconds,
+        default=10.0,
+        help="how long a request body may take to arrive, under 30 (default 10; then a 408)",
+    )
+    parser.add_argument(
         "--ingress",
         default="auto",
         choices=("auto", "haproxy", "python"),
@@ -126,7 +132,12 @@ def serve_main(argv: list[str]) -> int:
     except ImportError as exc:
         print(f"vae-generate: error: serving needs the serve extra (pip install '.[serve]'): {exc}", file=sys.stderr)
         return 2
-    limits = Limits(args.max_body_bytes, args.max_rows, args.max_batch_size, args.batch_wait_ms / 1000)
+    try:
+        limits = Limits(
+            args.max_body_bytes, args.max_rows, args.max_batch_size, args.batch_wait_ms / 1000, args.body_timeout_s
+        )
+    except ValueError as exc:
+        parser.error(f"--body-timeout-s: {exc}")
     try:
         serve_forever(args.model, args.host, args.port, args.replicas, limits, args.address, args.ingress, args.watch_s)
     except (ArtifactError, ValueError, OSError) as exc:

@@ -13,9 +13,11 @@ Routes (JSON in and out unless said; every error is a 4xx with `{"error": "..."}
 
 Concurrent decode and sample requests are coalesced into one onnxruntime call by Ray
 Serve's request batching (`@serve.batch`, waiting at most `batch_wait_s` (2 ms) for company).
-Limits: the request body (`max_body_bytes`), rows per request (`max_rows`), and Serve's
-request timeout. `Limits` reaches each replica as the deployment's `user_config`, so
-`reconfigure` applies it, batching included, and a new one applies without a restart.
+Limits: the request body (`max_body_bytes`, and `body_timeout_s` for it to arrive: a
+client that stalls mid-body gets a JSON 408 before Serve's own request timeout, whose
+408 is plain text), rows per request (`max_rows`), and Serve's request timeout. `Limits`
+reaches each replica as the deployment's `user_config`, so `reconfigure` applies it,
+batching included, and a new one applies without a restart.
 The same hook swaps the model: a `user_config` whose `model` names another artifact
 directory loads it, verified, beside the one serving, then takes it in one assignment
 (requests in flight finish on the old one); deploy.serve_process does this when the
@@ -48,6 +50,7 @@ from deploy.generator import Generator
 from deploy.png import write_grid
 
 APP_NAME = "vae"
+REQUEST_TIMEOUT_S = 30  # Serve's own: past it, its ingress answers a plain-text 408
 CARD_FACTS = (
     "name",
     "version",
@@ -67,6 +70,11 @@ class Limits:
     max_rows: int = 256  # latents, images or samples in one request
     max_batch_size: int = 64  # requests coalesced into one decode call (1: no batching)
     batch_wait_s: float = 0.002  # how long a batch waits for more requests (2 ms: see docs/benchmarks.md)
+    body_timeout_s: float = 10.0  # for the whole body to arrive; under Serve's REQUEST_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if not 0 < self.body_timeout_s < REQUEST_TIMEOUT_S:
+            raise ValueError(f"the body timeout must be in (0, {REQUEST_TIMEOUT_S}) s, got {self.body_timeout_s:g}")
 
 
 class BadRequest(Exception):
@@ -104,12 +112,19 @@ async def read_body(request: Request, limits: Limits) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise BadRequest(f"request body of {declared} bytes is over the limit of {limits.max_body_bytes}", 413)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limits.max_body_bytes:
-            raise BadRequest(f"request body is over the limit of {limits.max_body_bytes} bytes", 413)
-    return bytes(body)
+
+    async def whole_body() -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limits.max_body_bytes:
+                raise BadRequest(f"request body is over the limit of {limits.max_body_bytes} bytes", 413)
+        return bytes(body)
+
+    try:
+        return await asyncio.wait_for(whole_body(), limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise BadRequest(f"the request body did not arrive within {limits.body_timeout_s:g} s", 408) from None
 
 
 async def read_json(request: Request, limits: Limits) -> dict[str, Any]:

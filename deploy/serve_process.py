@@ -19,7 +19,7 @@ from ray import serve
 
 from deploy.artifact import ArtifactError
 from deploy.follow import resolve_artifact
-from deploy.serve import APP_NAME, Limits, build
+from deploy.serve import APP_NAME, REQUEST_TIMEOUT_S, Limits, build
 
 # After Ray's shutdown, how long no new HAProxy of ours may appear before serving stops.
 HAPROXY_QUIET_S = 3.0
@@ -96,7 +96,7 @@ def serve_forever(
     signal.signal(signal.SIGTERM, _interrupt)
     node_id = ray.get_runtime_context().get_node_id()
     try:
-        serve.start(http_options={"host": host, "port": port, "request_timeout_s": 30})
+        serve.start(http_options={"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
         serve.run(application, name=APP_NAME, route_prefix="/")
         print(
             f"serving {follower.serving} on http://{host}:{port} ({replicas} replica{'s' * (replicas != 1)}, "

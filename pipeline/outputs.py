@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,18 +130,43 @@ def _check_writable(parent: Path) -> None:
         raise PipelineError(f"{parent}: cannot write output here ({exc.strerror or exc})") from exc
 
 
-def claim_output(target: Path, stage: str, owned: list[str]) -> Path:
+@contextlib.contextmanager
+def claimed_output(target: Path, stage: str, owned: list[str], keep_on_failure: Callable[[], bool]) -> Iterator[Path]:
     """For a stage that writes in place (training): check `target`, create it, and write
     its marker before anything else, so that an interrupted run is still recognised as
-    the stage's own. Returns the directory written."""
-    check_output(target, stage)
+    the stage's own; yields the directory written.
+
+    When the block fails with a PipelineError (the stage's own, reported failure) and
+    `target` did not hold this stage's output before, what the stage wrote there (its
+    `owned` names and the marker) is removed again, and `target` itself if this call
+    created it, unless `keep_on_failure()` says there is something to continue from
+    (training's checkpoints, for `--resume`). The stage's own earlier output is left."""
+    earlier = check_output(target, stage)
     target = resolve_target(target)
+    created = not target.exists()
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PipelineError(f"{target}: cannot create ({exc.strerror or exc})") from exc
     write_marker(target, stage, owned)
-    return target
+    try:
+        yield target
+    except PipelineError:
+        if not earlier and not keep_on_failure():
+            _remove_owned(target, {*owned, OUTPUT_MARKER}, created)
+        raise
+
+
+def _remove_owned(directory: Path, owned: set[str], created: bool) -> None:
+    for child in directory.iterdir():
+        if is_owned(child.name, owned):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+    if created:
+        with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+            directory.rmdir()
 
 
 @contextlib.contextmanager

@@ -149,15 +149,27 @@ def request_timeout_s(budget: float) -> float:
     return min(30.0, max(2.0, budget / 3))
 
 
-def bounded_s3(filesystem, timeout: float):
+def bounded_s3(filesystem, timeout: float, attempts: int = 1):
     """The same S3 filesystem (endpoint, region, credentials as `from_uri` resolved them),
-    each request bounded by `timeout` (an S3 URI cannot set one) and tried once
-    (with_retries does the retrying)."""
+    each request bounded by `timeout` (an S3 URI cannot set one) and tried `attempts`
+    times by the SDK (once where with_retries does the retrying)."""
     import pyarrow.fs as pafs
 
     settings = filesystem.__reduce__()[1][0]  # pyarrow's own pickling: every setting, by name
     settings.update(connect_timeout=timeout, request_timeout=timeout)
-    return pafs.S3FileSystem(**settings, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+    return pafs.S3FileSystem(**settings, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts))
+
+
+def ray_train_storage(location: str) -> tuple[str, Any]:
+    """Ray Train's `storage_path` and `storage_filesystem` for `location`. For `s3://`, the
+    store's filesystem with each request bounded as `Store.open` bounds it (Ray Train's
+    controller writes its own state there, and a hung store must not hold it for minutes),
+    keeping the SDK's usual three tries, since nothing retries those writes; anything else
+    is left for Ray Train to resolve."""
+    if not str(location).startswith("s3://"):
+        return str(location), None
+    store = Store.open(location)
+    return store.root, bounded_s3(store.filesystem, request_timeout_s(retry_budget()), attempts=3)
 
 
 @dataclass(frozen=True)

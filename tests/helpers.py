@@ -121,3 +121,21 @@ def usage_error_line(main, argv: list[str], capsys) -> str:
     assert info.value.code == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     return line
+
+
+@dataclass(frozen=True)
+class PauseAtEpoch:
+    """A training `epoch_hook`: rank 0, at the start of `epoch`, creates `directory/asked`
+    and waits (up to a minute) for `directory/done`, so that a test can change the world
+    between two epochs (stop the object store, say)."""
+
+    directory: str
+    epoch: int
+
+    def __call__(self, epoch: int, rank: int, world: int, run_name: str) -> None:
+        if epoch != self.epoch or rank != 0:
+            return
+        Path(self.directory, "asked").touch()
+        deadline = time.monotonic() + 60
+        while not Path(self.directory, "done").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -6,7 +6,9 @@ on the same port is an outage that loses nothing, as a store's is.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
 import threading
 
 import pyarrow.fs as pafs
@@ -49,6 +51,31 @@ class S3Server:
         name = f"b{self.buckets}-" + re.sub(r"[^a-z0-9-]", "-", hint.lower())[:40].strip("-")
         filesystem().create_dir(name)
         return f"s3://{name}"
+
+
+class HungServer:
+    """A server on `port` (0: any free one) that accepts connections and never answers,
+    as a hung store does; it holds what it accepted until `close`."""
+
+    def __init__(self, port: int = 0):
+        self.listener = socket.create_server(("127.0.0.1", port), backlog=256)
+        self.port = self.listener.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.held.append(self.listener.accept()[0])
+
+    def close(self) -> None:
+        """Stop listening (the blocked accept wakes up, so the port is free again at once)
+        and drop every connection."""
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        for connection in self.held:
+            connection.close()
 
 
 def filesystem() -> pafs.S3FileSystem:

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import queue
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from pipeline.config import Config, TrainConfig
 from pipeline.data.dataset import check_dataset, with_dataset_section
 from pipeline.errors import PipelineError, find_user_error, last_line
 from pipeline.files import write_json, write_text
-from pipeline.outputs import check_output, claim_output
+from pipeline.outputs import check_output, claimed_output
 from pipeline.schema import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -38,7 +39,7 @@ from pipeline.schema import (
     TRAIN_SUMMARY_FILE,
 )
 from pipeline.stages import StageRun
-from pipeline.storage import join
+from pipeline.storage import RETRY_ENV, is_uri, join, ray_train_storage, retry_budget, with_retries
 from pipeline.training.model_store import (
     check_checkpoint,
     check_model_dir,
@@ -46,6 +47,7 @@ from pipeline.training.model_store import (
     read_checkpoint_info,
     write_model_dir,
 )
+from pipeline.training.worker_context import STOP_EVENTS
 
 log = logging.getLogger(__name__)
 
@@ -117,31 +119,35 @@ def train(
 
     workers = config.train.num_workers
     ray_cluster.connect(config.ray.address, min_cpus=workers * config.train.cpus_per_worker + 1, verbose=verbose)
-    out = claim_output(out, "train", TRAIN_OUTPUTS)
-    write_json(out / CONFIG_FILE, config.to_dict())
-    (out / TRAIN_SUMMARY_FILE).unlink(missing_ok=True)  # not complete until rewritten
-    started = time.time()
-    plan = FitPlan(
-        config, parquet or str(data_dir.resolve()), manifest, storage, resume_from, out, verbose, epoch_hook, on_epoch
-    )
-    result, events = fit(plan)
-    history = write_final_model(plan, result.checkpoint)
-    summary = {
-        "status": "complete",
-        "epochs": len(history),
-        "final_metrics": history[-1],
-        "wall_time_s": time.time() - started,
-        "worker_group_starts": [e["epoch"] for e in events if e["event"] == "start"],
-        "worker_group_start_times": [e["time"] for e in events if e["event"] == "start"],
-        "resumed_from": resume_from,
-        "checkpoint": result.checkpoint.path,
-        "storage_path": storage,
-        "data_sha256": manifest["content_sha256"],
-        "num_workers": workers,
-        "groups_per_worker": config.train.groups,
-        "onednn": next((e["onednn"] for e in reversed(events) if e["event"] == "start"), None),
-    }
-    write_json(out / TRAIN_SUMMARY_FILE, summary)
+
+    def resumable() -> bool:  # a store is not listed again: it may be what failed
+        return is_uri(storage) or find_latest_checkpoint(storage) is not None
+
+    # A failure leaves nothing behind unless there is a checkpoint to resume from.
+    with claimed_output(out, "train", TRAIN_OUTPUTS, keep_on_failure=resumable) as out:
+        write_json(out / CONFIG_FILE, config.to_dict())
+        (out / TRAIN_SUMMARY_FILE).unlink(missing_ok=True)  # not complete until rewritten
+        started = time.time()
+        parquet = parquet or str(data_dir.resolve())
+        plan = FitPlan(config, parquet, manifest, storage, resume_from, out, verbose, epoch_hook, on_epoch)
+        result, events = fit(plan)
+        history = write_final_model(plan, result.checkpoint)
+        summary = {
+            "status": "complete",
+            "epochs": len(history),
+            "final_metrics": history[-1],
+            "wall_time_s": time.time() - started,
+            "worker_group_starts": [e["epoch"] for e in events if e["event"] == "start"],
+            "worker_group_start_times": [e["time"] for e in events if e["event"] == "start"],
+            "resumed_from": resume_from,
+            "checkpoint": result.checkpoint.path,
+            "storage_path": storage,
+            "data_sha256": manifest["content_sha256"],
+            "num_workers": workers,
+            "groups_per_worker": config.train.groups,
+            "onednn": next((e["onednn"] for e in reversed(events) if e["event"] == "start"), None),
+        }
+        write_json(out / TRAIN_SUMMARY_FILE, summary)
     return TrainResult(out, summary)
 
 
@@ -161,7 +167,9 @@ def write_final_model(plan: FitPlan, checkpoint) -> list[dict[str, Any]]:
     if checkpoint is None:
         raise PipelineError("training ended without a checkpoint")
     config = plan.config
-    with checkpoint.as_directory() as directory:
+    with tempfile.TemporaryDirectory(prefix="vae-final-") as staging:
+        # Copied first (within the storage retry limit, as every read from a store is).
+        directory = with_retries(lambda: checkpoint.to_directory(staging), f"{checkpoint.path}: cannot read")
         info = read_checkpoint_info(Path(directory))
         history = info["history"]
         check_history(history, config.train.epochs)
@@ -236,9 +244,9 @@ def fit(plan: FitPlan):
     events = follow_progress(plan, thread, progress)
     if "error" in outcome:
         raise training_error(outcome["error"]) from outcome["error"]
-    diverged = [event["message"] for event in events if event["event"] == "diverged"]
-    if diverged:
-        raise PipelineError(diverged[0])
+    stopped = [event["message"] for event in events if event["event"] in STOP_EVENTS]
+    if stopped:
+        raise PipelineError(stopped[0])
     return outcome["result"], events
 
 
@@ -251,6 +259,7 @@ def make_trainer(plan: FitPlan, dataset, progress):
 
     train = plan.config.train
     run_name = f"{RUN_NAME_PREFIX}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage_path, storage_filesystem = ray_train_storage(plan.storage)
     return TensorflowTrainer(
         train_func,
         train_loop_config={
@@ -269,12 +278,16 @@ def make_trainer(plan: FitPlan, dataset, progress):
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=plan.storage,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.checkpoints_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
-            # Read when a worker first imports TensorFlow (Ray Train's backend does, before
-            # `train_func`): set for the worker processes themselves, on any cluster.
-            worker_runtime_env={"env_vars": {ONEDNN_ENV: os.environ.get(ONEDNN_ENV, "1")}},
+            # Set for the worker processes themselves, on any cluster: oneDNN's switch is
+            # read when a worker first imports TensorFlow (Ray Train's backend does, before
+            # `train_func`); the storage limit bounds the workers' checkpoint uploads.
+            worker_runtime_env={
+                "env_vars": {ONEDNN_ENV: os.environ.get(ONEDNN_ENV, "1"), RETRY_ENV: str(retry_budget())}
+            },
         ),
         datasets={"train": dataset},
     )
@@ -339,7 +352,7 @@ class ProgressLog:
         return self
 
     def handle(self, event: dict[str, Any]) -> None:
-        if event["event"] == "diverged":
+        if event["event"] in STOP_EVENTS:
             return  # the driver raises it once training has stopped
         if event["event"] == "start":
             verb = "resuming at" if event["epoch"] else "starting at"

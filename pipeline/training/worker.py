@@ -4,6 +4,11 @@
 restore a checkpoint, compile the step (pipeline.training.steps), then per epoch run
 it over the shard (pipeline.training.shard_cache), measure it, and report it with a
 checkpoint.
+
+A checkpoint for an object store is uploaded here, under the storage retry limit
+(pipeline.storage), and handed to Ray Train already in place: Ray Train's own upload
+retries on its own count, and a failure there fails the worker group, which Ray restarts
+up to `train.max_failures` times, each restart waiting on the store again.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,7 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.schema import CHECKPOINT_PREFIX
+from pipeline.storage import Store, is_uri, with_retries
 from pipeline.training.model_store import (
     checkpoint_epoch,
     find_latest_checkpoint,
@@ -60,12 +66,15 @@ def train_func(loop_config: dict[str, Any]) -> None:
     every replica, and the loss sums are all-reduced) without reporting that epoch, and
     rank 0 sends a `diverged` event naming the epoch and steps. It returns rather than
     raises: Ray Train would retry a raised error, and a diverging run diverges again.
+    Likewise when rank 0 cannot store a checkpoint within the storage retry limit: every
+    worker stops after that epoch and rank 0 sends a `storage_failed` event.
     """
     import ray.train
 
     worker, strategy = start_worker(loop_config)
     model, optimizer = build_model_and_optimizer(worker, strategy)
-    start_epoch, history = restore(model, optimizer, loop_config.get("resume_from"), loop_config.get("run_storage"))
+    run_storage = loop_config.get("run_storage")
+    start_epoch, history = restore(model, optimizer, loop_config.get("resume_from"), run_storage)
     worker.tell_driver(
         {
             "event": "start",
@@ -90,7 +99,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
             return
         metrics = epoch_metrics(worker, steps, model, optimizer, epoch, outcome)
         history = [*history, metrics]
-        report_epoch(worker, model, optimizer, history)
+        not_stored = report_epoch(worker, model, optimizer, history, run_storage)
+        if any_worker_failed(worker, steps, not_stored, run_storage):
+            worker.tell_driver({"event": "storage_failed", "message": not_stored})
+            return
         worker.tell_driver({"event": "epoch", **metrics})
 
 
@@ -169,12 +181,12 @@ def restore(
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and resume_from:
-        checkpoint = ray.train.Checkpoint(resume_from)
+        checkpoint = checkpoint_at(resume_from)
     uploaded = find_latest_checkpoint(run_storage) if run_storage else None
     registered = checkpoint_epoch(checkpoint.path) if checkpoint is not None else -1
     if uploaded is not None and checkpoint_epoch(uploaded) > registered:
         try:
-            return _restore_from(ray.train.Checkpoint(uploaded), model, optimizer)
+            return _restore_from(checkpoint_at(uploaded), model, optimizer)
         except (PipelineError, OSError) as exc:
             print(f"train: not resuming from {uploaded} ({exc}); using Ray's latest checkpoint", file=sys.stderr)
     if checkpoint is None:
@@ -183,9 +195,23 @@ def restore(
 
 
 def _restore_from(checkpoint, model, optimizer) -> tuple[int, list[dict[str, Any]]]:
-    with checkpoint.as_directory() as directory:
-        info = restore_checkpoint(Path(directory), model, optimizer)
+    def read() -> dict[str, Any]:
+        with checkpoint.as_directory() as directory:
+            return restore_checkpoint(Path(directory), model, optimizer)
+
+    info = with_retries(read, f"{checkpoint.path}: cannot read")
     return info["epoch"] + 1, info["history"]
+
+
+def checkpoint_at(location: str):
+    """A Ray Train checkpoint at a path or URI, read through the pipeline's store (each
+    request to `s3://` bounded)."""
+    import ray.train
+
+    if not is_uri(location):
+        return ray.train.Checkpoint(location)
+    store = Store.open(location)
+    return ray.train.Checkpoint(path=store.root, filesystem=store.filesystem)
 
 
 def run_epoch(worker: Worker, steps: Steps, shard, cache: ShardCache, epoch: int) -> EpochOutcome:
@@ -247,14 +273,18 @@ def divergence_message(config: Config, epoch: int, what: str) -> str:
     )
 
 
-def report_epoch(worker: Worker, model, optimizer, history: list[dict[str, Any]]) -> None:
-    """Every worker reports (it is a barrier); rank 0 attaches the checkpoint."""
+def report_epoch(
+    worker: Worker, model, optimizer, history: list[dict[str, Any]], run_storage: str | None
+) -> str | None:
+    """Every worker reports (it is a barrier); rank 0 attaches the checkpoint. Returns why
+    rank 0 could not store it (the storage error's line), or None."""
     import ray.train
 
     metrics = history[-1]
     if worker.rank != 0:
         ray.train.report(metrics, checkpoint=None)
-        return
+        return None
+    name = f"{CHECKPOINT_PREFIX}{metrics['epoch']:04d}"
     with tempfile.TemporaryDirectory(prefix="vae-ckpt-") as directory:
         info = {
             "epoch": metrics["epoch"],
@@ -264,8 +294,43 @@ def report_epoch(worker: Worker, model, optimizer, history: list[dict[str, Any]]
             "history": history,
         }
         write_checkpoint(Path(directory), model, optimizer, info)
+        if not (run_storage and is_uri(run_storage)):
+            # A directory: Ray Train copies it, and checks that every node sees the disk.
+            local = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=local, checkpoint_dir_name=name)
+            return None
+        try:
+            stored = upload_checkpoint(Path(directory), run_storage, name)
+        except PipelineError as exc:
+            ray.train.report(metrics, checkpoint=None)  # the other workers wait on it
+            return str(exc)
         ray.train.report(
             metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(directory),
-            checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{metrics['epoch']:04d}",
+            checkpoint=stored,
+            checkpoint_dir_name=name,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
         )
+        return None
+
+
+def upload_checkpoint(directory: Path, run_storage: str, name: str):
+    """The checkpoint in `directory` copied to this run's storage as `name` (each file
+    retried within the storage limit); returns it as Ray Train's checkpoint there."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    # Ray Train's own path for this run's directory, written through the pipeline's store.
+    store = replace(Store.open(run_storage), root=storage.experiment_fs_path)
+    store.upload(directory, name)
+    return ray.train.Checkpoint(path=store.path(name), filesystem=storage.storage_filesystem)
+
+
+def any_worker_failed(worker: Worker, steps: Steps, failure: str | None, run_storage: str | None) -> bool:
+    """Whether any worker's `failure` is set, agreed by every worker (only checkpoints sent
+    to an object store can fail here, so only those runs pay for the all-reduce)."""
+    import tensorflow as tf
+
+    if not (run_storage and is_uri(run_storage)):
+        return False
+    flags = tf.constant([0.0 if failure is None else 1.0, 0.0, 0.0], tf.float64)  # the shape of the loss sums
+    return bool(steps.sum_over_workers(flags).numpy()[0] > 0)

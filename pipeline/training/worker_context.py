@@ -8,6 +8,10 @@ from typing import Any
 
 from pipeline.config import Config
 
+# Events after which every worker returns without training on (a raised error would be
+# retried by Ray Train, and would fail again); the driver raises their `message`.
+STOP_EVENTS = ("diverged", "storage_failed")
+
 
 @dataclass(frozen=True)
 class Worker:

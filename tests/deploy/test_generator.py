@@ -207,6 +207,10 @@ def test_vae_generate_bad_artifact_is_one_line(tmp_path, capsys):
         ),
         (["--out", "x.png"], "vae-generate: error: the following arguments are required: --model"),
         (["serve", "--model", "m", "--port", "0"], "(see vae-generate serve --help)"),
+        (
+            ["serve", "--model", "m", "--body-timeout-s", "30"],
+            "vae-generate: error: --body-timeout-s: the body timeout must be in (0, 30) s, got 30 (see",
+        ),
     ],
 )
 def test_vae_generate_usage_errors_are_one_line_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, argv, message):

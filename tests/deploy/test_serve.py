@@ -24,6 +24,7 @@ from tests.helpers import free_port
 
 VENV_BIN = os.path.dirname(sys.executable)
 MAX_BODY = 64 * 1024
+BODY_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,8 @@ def server(runs, tmp_path_factory):
                 str(MAX_BODY),
                 "--batch-wait-ms",
                 "20",
+                "--body-timeout-s",
+                str(BODY_TIMEOUT_S),
             ],
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -280,6 +283,32 @@ def test_bad_input_is_a_4xx_with_a_json_error_and_the_replica_lives(server, case
     assert (got_status, kind) == (status, "application/json"), raw[:300]
     assert message in json.loads(raw)["error"]
     assert ok_json(call(server, "GET", "/healthz")) == {"status": "ok"}
+    assert ok_json(call(server, "GET", "/v1/stats"))["replica_pid"] == pid
+
+
+def test_a_client_that_stalls_mid_body_gets_a_json_408_and_the_replica_lives(server):
+    """Half a body, then nothing: the server answers (JSON, 408) once the body timeout has
+    passed, not Serve's plain-text 408 thirty seconds in."""
+    import http.client
+    import socket
+
+    pid = ok_json(call(server, "GET", "/v1/stats"))["replica_pid"]
+    host, port = server.removeprefix("http://").split(":")
+    body = b'{"latents": [[0.0, 0.0'
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        connection.sendall(
+            b"POST /v1/decode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body) * 4}\r\n\r\n".encode()
+            + body
+        )
+        started = time.monotonic()
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        waited = time.monotonic() - started
+        status, kind, raw = response.status, response.headers.get_content_type(), response.read()
+    assert (status, kind) == (408, "application/json"), raw[:300]
+    assert json.loads(raw)["error"] == f"the request body did not arrive within {BODY_TIMEOUT_S:g} s"
+    assert BODY_TIMEOUT_S - 0.5 < waited < BODY_TIMEOUT_S + 10, waited
     assert ok_json(call(server, "GET", "/v1/stats"))["replica_pid"] == pid
 
 

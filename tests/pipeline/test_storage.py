@@ -1,10 +1,8 @@
 """Runs in an object store: a real S3 server on loopback (moto), reached through pyarrow.fs."""
 
-import contextlib
 import json
 import logging
 import re
-import socket
 import threading
 import time
 
@@ -17,8 +15,11 @@ from pipeline.errors import PipelineError
 from pipeline.runs.listing import list_runs
 from pipeline.runs.remote import StoreSink
 from pipeline.runs.run import run_pipeline
+from pipeline.schema import MODEL_DIR, TRAIN_SUMMARY_FILE
+from pipeline.stages.train import train
 from pipeline.storage import RETRY_ENV, Store, request_timeout_s
-from tests.helpers import single_error_line, write_idx_dir
+from tests.helpers import PauseAtEpoch, single_error_line, write_idx_dir
+from tests.s3 import HungServer
 
 
 def make_tree(root, files):
@@ -187,21 +188,11 @@ def test_a_location_that_is_not_a_run_is_refused_untouched(s3_bucket, source):
 def hung_store(monkeypatch):
     """An S3 endpoint that accepts connections and never answers (a hung server), with a
     6 s retry limit."""
-    listener = socket.create_server(("127.0.0.1", 0), backlog=256)
-    held = []
-
-    def accept():
-        with contextlib.suppress(OSError):
-            while True:
-                held.append(listener.accept()[0])
-
-    threading.Thread(target=accept, daemon=True).start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    server = HungServer()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.port}")
     monkeypatch.setenv(RETRY_ENV, "6")
-    yield 6.0, held
-    listener.close()
-    for connection in held:
-        connection.close()
+    yield 6.0, server.held
+    server.close()
 
 
 def test_a_hung_store_stops_within_the_limit_across_many_files(hung_store, tmp_path, capsys):
@@ -227,3 +218,56 @@ def test_a_hung_store_stops_within_the_limit_across_many_files(hung_store, tmp_p
     bound = limit + request_timeout_s(limit) + 1  # the last attempt may start just inside the limit
     print(f"hung store, limit {limit:.0f} s: upload stopped after {upload_s:.1f} s, fetch after {fetch_s:.1f} s")
     assert upload_s < bound and fetch_s < bound, (upload_s, fetch_s, bound)
+
+
+@pytest.mark.parametrize("outage", ["down", "hung"])
+def test_a_store_lost_during_training_stops_it_within_the_limit(
+    outage, s3_server, s3_bucket, small_dataset, ray_local, monkeypatch, tmp_path
+):
+    """Ray Train's checkpoints in an object store that goes away after the first epoch
+    (stopped, or answering nothing): one line about one limit later, naming the
+    checkpoint, though Ray Train may restart its workers twice; no model is written.
+    Ray Train's own upload once let this run 131 s against a 60 s limit."""
+    limit = 6.0
+    monkeypatch.setenv(RETRY_ENV, str(limit))  # set at the driver: the workers get it from there
+    storage = f"{s3_bucket}/checkpoints"
+    overrides = ["model.preset=seed", "model.latent_dim=4", "train.batch_size=64", "train.epochs=3"]
+    config = load_config(overrides=[*overrides, f"train.storage_path={storage}", "train.max_failures=2"])
+    handshake, out, lost = tmp_path / "handshake", tmp_path / "run", {}
+    handshake.mkdir()
+
+    def lose_the_store():
+        while not (handshake / "asked").exists():  # rank 0 is at the start of epoch 2
+            time.sleep(0.05)
+        # Ray Train's controller has registered epoch 1's checkpoint (its only write).
+        while not any(name.endswith("checkpoint_manager_snapshot.json") for name in Store.open(storage).list_files()):
+            time.sleep(0.1)
+        s3_server.stop()
+        lost["at"] = time.monotonic()
+        if outage == "hung":
+            lost["hung"] = HungServer(s3_server.port)
+        (handshake / "done").touch()
+
+    thread = threading.Thread(target=lose_the_store, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(PipelineError) as info:
+            train(config, small_dataset, out, epoch_hook=PauseAtEpoch(str(handshake), epoch=1))
+        stopped_s = time.monotonic() - lost["at"]
+    finally:
+        thread.join(timeout=60)
+        if "hung" in lost:
+            lost["hung"].close()
+        s3_server.start()
+    message = str(info.value)
+    assert "\n" not in message
+    assert re.match(
+        rf"{storage}/vae-[0-9-]+/checkpoint_epoch_0001/[^ ]+: cannot write: storage unreachable for [0-9]+ s", message
+    ), message
+    bound = limit + request_timeout_s(limit) + 10  # + an epoch of 1,024 images and a last report
+    print(f"store {outage} during training, limit {limit:.0f} s: stopped {stopped_s:.1f} s after it went")
+    assert stopped_s < bound, (stopped_s, bound)
+    assert not (out / MODEL_DIR).exists() and not (out / TRAIN_SUMMARY_FILE).exists()
+    # Epoch 1's checkpoint is whole in the store, to resume from.
+    names = Store.open(storage).list_files()
+    assert any(re.search(r"checkpoint_epoch_0000/vae.keras$", name) for name in names), names

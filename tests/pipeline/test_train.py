@@ -106,11 +106,21 @@ def test_one_worker_trains_the_same_whatever_the_steps_per_execution(tmp_path, s
     assert all(np.array_equal(one[name], three[name]) for name in one)
 
 
-def test_without_retries_a_crash_fails_the_stage(tmp_path, small_dataset, ray_local):
-    config = load_config(overrides=[*TINY, "train.epochs=1", "train.max_failures=0"])
+def test_without_retries_a_crash_fails_the_stage_and_leaves_only_what_resumes(tmp_path, small_dataset, ray_local):
+    """Before any checkpoint: nothing is left (a new path is removed, an empty directory
+    emptied). After one: the output stays, for `--resume`."""
+    config = load_config(overrides=[*TINY, "train.epochs=2", "train.max_failures=0"])
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        with pytest.raises(PipelineError, match="training failed"):
+            train(config, small_dataset, out, epoch_hook=CrashOnce(epoch=0, delay_s=0))
+    assert not (tmp_path / "new").exists()
+    assert list((tmp_path / "empty").iterdir()) == []
+
     with pytest.raises(PipelineError, match="training failed"):
-        train(config, small_dataset, tmp_path / "run", epoch_hook=CrashOnce(epoch=0))
-    assert not (tmp_path / "run" / TRAIN_SUMMARY_FILE).exists()
+        train(config, small_dataset, tmp_path / "resumable", epoch_hook=CrashOnce(epoch=1))
+    assert not (tmp_path / "resumable" / TRAIN_SUMMARY_FILE).exists()
+    assert find_latest_checkpoint(str(tmp_path / "resumable" / "ray")).endswith("checkpoint_epoch_0000")
 
 
 def test_resume_continues_an_earlier_run(tmp_path, trained_run, small_dataset):
@@ -178,8 +188,7 @@ def test_diverging_training_stops_in_one_line_and_writes_no_model(tmp_path, caps
     assert main(argv) == 2
     line = single_error_line(capsys.readouterr().err)
     assert re.search(r"training diverged: non-finite weights within steps 1-8 of 16 in epoch 1", line), line
-    assert not (out / MODEL_DIR).exists() and not (out / TRAIN_SUMMARY_FILE).exists()
-    assert history(out) == []  # no epoch was reported
+    assert not out.exists()  # no epoch was reported: nothing to resume, nothing left
 
 
 def test_batch_larger_than_the_split_is_refused_before_anything_runs(tmp_path, capsys, small_dataset):
