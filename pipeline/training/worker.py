@@ -100,7 +100,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
         metrics = epoch_metrics(worker, steps, model, optimizer, epoch, outcome)
         history = [*history, metrics]
         not_stored = report_epoch(worker, model, optimizer, history, run_storage)
-        if any_worker_failed(worker, steps, not_stored, run_storage):
+        if stores_remotely(run_storage) and any_worker_failed(steps, not_stored):
             worker.tell_driver({"event": "storage_failed", "message": not_stored})
             return
         worker.tell_driver({"event": "epoch", **metrics})
@@ -294,7 +294,7 @@ def report_epoch(
             "history": history,
         }
         write_checkpoint(Path(directory), model, optimizer, info)
-        if not (run_storage and is_uri(run_storage)):
+        if not stores_remotely(run_storage):
             # A directory: Ray Train copies it, and checks that every node sees the disk.
             local = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=local, checkpoint_dir_name=name)
@@ -325,12 +325,15 @@ def upload_checkpoint(directory: Path, run_storage: str, name: str):
     return ray.train.Checkpoint(path=store.path(name), filesystem=storage.storage_filesystem)
 
 
-def any_worker_failed(worker: Worker, steps: Steps, failure: str | None, run_storage: str | None) -> bool:
-    """Whether any worker's `failure` is set, agreed by every worker (only checkpoints sent
-    to an object store can fail here, so only those runs pay for the all-reduce)."""
+def stores_remotely(run_storage: str | None) -> bool:
+    """Whether this run's checkpoints go to an object store: rank 0 uploads them itself
+    (report_epoch), and only then can storing one fail (any_worker_failed)."""
+    return bool(run_storage) and is_uri(run_storage)
+
+
+def any_worker_failed(steps: Steps, failure: str | None) -> bool:
+    """Whether any worker's `failure` is set, agreed by every worker in one all-reduce."""
     import tensorflow as tf
 
-    if not (run_storage and is_uri(run_storage)):
-        return False
     flags = tf.constant([0.0 if failure is None else 1.0, 0.0, 0.0], tf.float64)  # the shape of the loss sums
     return bool(steps.sum_over_workers(flags).numpy()[0] > 0)
